@@ -83,7 +83,9 @@ def optim_config(base_lr: float, weight_decay: float = 1e-4) -> ml_collections.C
     c.nesterov = False
     c.weight_decay = weight_decay
     c.exclude_bn_and_bias_from_wd = False
-    c.schedule = "cosine"  # 'cosine' | 'step' | 'constant'.
+    # 'cosine' | 'step' | 'constant' | 'seed_epoch_cosine' (SEED's code: per epoch, warm-up
+    # from base_lr to the scaled lr, then a cosine over all num_epochs; see dvp_jax/optim.py).
+    c.schedule = "cosine"
     c.warmup_epochs = 0.0
     c.decay_epochs = (30.0, 60.0, 90.0)  # For 'step': multiply by decay_factor at each.
     c.decay_factor = 0.1

@@ -13,7 +13,7 @@ from dvp_jax import errors
 
 SOURCE_KINDS = ("digits", "synthetic", "tfds:NAME", "folder:PATH")
 DTYPES = ("float32", "bfloat16")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "seed_epoch_cosine")
 
 
 class ConfigError(errors.UserError, ValueError):

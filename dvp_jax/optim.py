@@ -19,11 +19,35 @@ def peak_learning_rate(optim_config, global_batch: int) -> float:
     return optim_config.base_lr * global_batch / 256
 
 
+def seed_epoch_lr(optim_config, global_batch: int, epoch, num_epochs: float):
+    """SEED's released ``adjust_learning_rate`` (jacobswan1/SEED), set once per epoch.
+
+    epoch e (0-based) < warmup_epochs: base + (peak - base) * e / warmup_epochs, with
+    base = optim.base_lr and peak = base * global_batch / 256 (at batch 256 the lr is constant);
+    then peak * (1 + cos(pi * e / num_epochs)) / 2: the cosine runs over ALL epochs, warm-up
+    included, so at e = warmup it starts a little below peak. Works on Python and jnp numbers.
+    """
+    base = optim_config.base_lr
+    peak = peak_learning_rate(optim_config, global_batch)
+    warm = optim_config.warmup_epochs
+    if warm > 0:
+        ramp = base + (peak - base) * epoch / warm
+    else:
+        ramp = peak
+    cosine = peak * 0.5 * (1.0 + jnp.cos(math.pi * epoch / num_epochs))
+    return jnp.where(epoch < warm, ramp, cosine)
+
+
 def make_schedule(optim_config, *, global_batch: int, steps_per_epoch: int,
                   num_epochs: float) -> optax.Schedule:
-    """step -> learning rate. 'cosine' (half cosine to 0, optional linear warm-up), 'step'
-    (x decay_factor at each of decay_epochs), 'constant'."""
+    """step -> learning rate. 'cosine' (half cosine to 0, optional linear warm-up from 0),
+    'step' (x decay_factor at each of decay_epochs, each rounded to a whole step), 'constant',
+    'seed_epoch_cosine' (SEED's per-epoch schedule, see ``seed_epoch_lr``; warm-up included)."""
     peak = peak_learning_rate(optim_config, global_batch)
+    if optim_config.schedule == "seed_epoch_cosine":
+        spe = max(1, int(steps_per_epoch))
+        return lambda step: seed_epoch_lr(optim_config, global_batch, jnp.asarray(step) // spe,
+                                          num_epochs)
     total = max(1, int(round(num_epochs * steps_per_epoch)))
     warmup = int(round(optim_config.warmup_epochs * steps_per_epoch))
     kind = optim_config.schedule
@@ -36,7 +60,8 @@ def make_schedule(optim_config, *, global_batch: int, steps_per_epoch: int,
     elif kind == "constant":
         main = optax.constant_schedule(peak)
     else:
-        raise ValueError(f"config.optim.schedule={kind!r}; allowed: 'cosine', 'step', 'constant'.")
+        raise ValueError(f"config.optim.schedule={kind!r}; allowed: 'cosine', 'step', 'constant', "
+                         "'seed_epoch_cosine'.")
     if warmup <= 0:
         return main
     # Linear warm-up from 0 to peak over `warmup` steps (MoCo/SEED style), then `main`.
