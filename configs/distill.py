@@ -19,7 +19,9 @@ Presets (after the colon):
   vipriors_resnext101  vipriors with a ResNeXt-101 32x8d student and teacher (teacher
             runs/moco_vipriors_resnext101/checkpoints).
   vipriors_tricks   the paper's tricks stack: train on train+val, evaluate on test, 448 px,
-            ResNeXt-101 32x8d, label smoothing 0.1, AutoAugment (ImageNet policy). 10-crop
+            ResNeXt-101 32x8d, label smoothing 0.1, AutoAugment as released
+            (input.auto_augment='cifar10_released'; 'imagenet' and 'cifar10' are torchvision's
+            policies). 10-crop
             evaluation and the 2-model ensemble are evaluation-time and not part of training.
 
 Paper text vs released code (distill.kind):
@@ -27,8 +29,10 @@ Paper text vs released code (distill.kind):
         lambda = distill.weight = 1e-4, from step 0.
   'ofd' (the released CODE) OFD of Heo et al.: pre-ReLU outputs of all 4 stages, a trainable
         1x1 conv + BN connector per stage on the student, margins from the teacher's last BN of
-        each stage, partial L2 with stage weights 1/8, 1/4, 1/2, 1, / batch / 1e4; weight 1,
-        off for the first distill.start_epochs = 5 epochs.
+        each stage, partial L2 with stage weights 1/8, 1/4, 1/2, 1, / batch / 1e4; weight 1.
+  Epoch counting (distill.epochs_from_one): the paper's presets switch distillation on after
+        start_epochs and drop the lr after 30/60/90 epochs; the '*_ofd' presets follow the
+        released code, which counts epochs from 1: OFD on after 4 epochs, x0.1 after 29/59/89.
 Schedules: the presets set optim.decay_epochs from num_epochs (30/60/90% or 60/80%); when
 overriding --config.num_epochs, override --config.optim.decay_epochs to match.
 Teacher BN: 'eval' (default; METHOD.md: the teacher is frozen in inference mode) or 'train'
@@ -54,6 +58,11 @@ def distill_section() -> ml_collections.ConfigDict:
     c.kind = "l2"  # 'l2' (paper text) | 'ofd' (released code).
     c.weight = 1e-4  # lambda; 'ofd' uses 1.0 (its loss is already / batch / 1e4).
     c.start_epochs = 0.0  # Distillation off before this epoch ('ofd' preset: 5).
+    # Epoch counting of start_epochs and optim.decay_epochs. False (the paper's text): off for
+    # the first start_epochs epochs, lr x0.1 after decay_epochs epochs (30/60/90). True (the
+    # released code, which numbers epochs from 1 and tests `epoch < 5` / `epoch // 30`): both
+    # happen one epoch earlier: distillation on after 4 epochs, lr x0.1 after epochs 29/59/89.
+    c.epochs_from_one = False
     return c
 
 
@@ -65,10 +74,12 @@ def classify_section() -> ml_collections.ConfigDict:
 
 
 def use_ofd(config) -> None:
-    """The released code's distillation: OFD, weight 1, off for the first 5 epochs."""
+    """The released code's distillation and epoch counting: OFD, weight 1, on after 4 epochs
+    (its ``--no_distill_epoch 5`` counted from 1), lr x0.1 after epochs 29, 59, 89."""
     config.distill.kind = "ofd"
     config.distill.weight = 1.0
     config.distill.start_epochs = 5.0
+    config.distill.epochs_from_one = True
 
 
 def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
@@ -109,6 +120,6 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
             config.input.train_split = "train+val"
             config.input.eval_split = "test"
             config.classify.label_smoothing = 0.1
-            config.input.auto_augment = "imagenet"
+            config.input.auto_augment = "cifar10_released"
     config.optim.decay_epochs = tuple(f * config.num_epochs for f in (0.3, 0.6, 0.9))
     return config

@@ -53,8 +53,12 @@ def input_config(source: str = "digits", image_size: int = 32) -> ml_collections
     c.mean = IMAGENET_MEAN
     c.std = IMAGENET_STD
     # Train-time extras (classification / distillation).
-    c.auto_augment = ""  # '' | 'imagenet' | 'cifar10'.
-    c.cutout = 0  # Side of the Cutout square in pixels; 0 = off.
+    # '' | 'imagenet' | 'cifar10' (torchvision's policies) | 'cifar10_released' (the DVP code
+    # release's variant: magnitudes uniform inside each bin, bicubic, black fill).
+    c.auto_augment = ""
+    # Side of the Cutout square in pixels, filled with the image's mean grey; 0 = off. The DVP
+    # release's --cutout uses image_size // 4 (56 at 224 px).
+    c.cutout = 0
     # TFDS data-deficient splits (VIPriors style). > 0: 'train' and 'val' are this many and
     # tfds_val_per_class images per class, disjoint, carved from the TFDS 'train' split with
     # numpy RNG(split_seed); 'test' is the TFDS 'test' split ('validation' if none) in full.

@@ -183,4 +183,24 @@ def test_config_values_are_checked(teacher_dir):
     ofd = distill_config.get_config("vipriors_ofd")
     assert (ofd.distill.kind, ofd.distill.weight, ofd.distill.start_epochs) == ("ofd", 1.0, 5.0)
     tricks = distill_config.get_config("vipriors_tricks")
-    assert (tricks.classify.label_smoothing, tricks.input.auto_augment) == (0.1, "imagenet")
+    assert (tricks.classify.label_smoothing, tricks.input.auto_augment) == (0.1, "cifar10_released")
+
+
+def test_epoch_counting_paper_vs_released_code():
+    """The released code numbers epochs from 1: `epoch < 5` means OFD from the 5th epoch (after
+    4), and lr * 0.1 ** (epoch // 30) drops after epochs 29, 59, 89. The paper's presets keep
+    5 and 30/60/90."""
+    from dvp_jax import optim
+    spe = 10
+    for preset, start, drops in (("vipriors_ofd", 4.0, (29, 59, 89)), ("digits_ofd", 4.0, (8, 17, 26)),
+                                 ("vipriors", 0.0, (30, 60, 90)), ("digits", 0.0, (9, 18, 27))):
+        config = distill_config.get_config(preset)
+        assert distill.distill_start_epoch(config.distill) == start, preset
+        oc = distill.phase2_optim_config(config)
+        schedule = optim.make_schedule(oc, global_batch=256, steps_per_epoch=spe,
+                                       num_epochs=config.num_epochs)
+        peak = 0.1
+        for k, epoch in enumerate(drops):
+            before, after = float(schedule(epoch * spe - 1)), float(schedule(epoch * spe))
+            assert before == pytest.approx(peak * 0.1 ** k), (preset, epoch)
+            assert after == pytest.approx(peak * 0.1 ** (k + 1)), (preset, epoch)

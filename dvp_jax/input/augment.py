@@ -7,7 +7,7 @@ resume exactly. Outputs are float32, NHWC, values ``(x / 255 - input.mean) / inp
 
   'moco_v2'         -> {'view1': [S, S, 3], 'view2': [S, S, 3]}  MoCo v2 "aug-plus", two draws.
   'train_crop_flip' -> {'image': [S, S, 3]}  RandomResizedCrop(0.08..1) + flip
-                       (+ input.auto_augment, + input.cutout).
+                       (+ input.auto_augment, + input.cutout: a mean-grey square).
   'eval_center'     -> {'image': [S, S, 3]}  resize shorter side to round(S / crop_ratio),
                        centre crop S.
   'ten_crop'        -> {'image': [10, S, S, 3]}  same resize, torchvision TenCrop.
@@ -243,8 +243,15 @@ def moco_v2(input_config, image_size: int) -> Transform:
 # Supervised training.
 
 def cutout(x: tf.Tensor, seed, size: int) -> tf.Tensor:
-    """DeVries & Taylor Cutout on a normalised [H, W, C]: zero a size x size square (clipped at
-    the border) centred at a uniform random pixel. Zero = the mean colour after normalising."""
+    """Cutout on an UNnormalised float [H, W, C] (0..255): a size x size square (clipped at the
+    border) centred at a uniform random pixel is set to the image's mean grey (one value, the
+    mean over all pixels and channels), as the DVP release's Cutout fills it. Its presets use
+    size = image_size // 4 (the release's ``Cutout(length=input_res // 4)``).
+
+    The release places the square at top, left ~ U{-size//2, .., H - size - 1} (clipped at 0),
+    and a typo there (``left = 0 if left < 0 else top``) puts every unclipped square on the
+    diagonal; here the centre is uniform over the image (DeVries & Taylor), as intended.
+    """
     shape = tf.shape(x)
     h, w = shape[0], shape[1]
     centre = _uniform(seed, [2])
@@ -254,7 +261,7 @@ def cutout(x: tf.Tensor, seed, size: int) -> tf.Tensor:
     cols = tf.range(w)[None, :]
     inside = ((rows >= cy - size // 2) & (rows < cy - size // 2 + size)
               & (cols >= cx - size // 2) & (cols < cx - size // 2 + size))
-    return x * tf.cast(~inside, x.dtype)[..., None]
+    return tf.where(inside[..., None], tf.reduce_mean(x), x)
 
 
 def train_crop_flip(input_config, image_size: int) -> Transform:
@@ -273,9 +280,9 @@ def train_crop_flip(input_config, image_size: int) -> Transform:
         if policy:
             u8 = tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
             x = tf.cast(autoaugment.auto_augment(u8, policy, s_aa), tf.float32)
-        x = normalize(x, input_config, max_value=255.0)
         if cutout_size > 0:
             x = cutout(x, s_cut, cutout_size)
+        x = normalize(x, input_config, max_value=255.0)
         return {"image": tf.reshape(x, [image_size, image_size, 3])}
 
     return transform

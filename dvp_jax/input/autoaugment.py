@@ -1,11 +1,19 @@
 """AutoAugment (Cubuk et al. 2019) on uint8 [H, W, 3] images, stateless.
 
-Policies and magnitude bins are torchvision's ``AutoAugmentPolicy.IMAGENET`` / ``.CIFAR10``
-(the paper's policies): a sub-policy is drawn uniformly, then each of its two ops runs with its
-probability; signed magnitudes get a random sign. Geometric ops use nearest-neighbour sampling
-and fill uncovered pixels with grey 128 (the paper's TF code and DeepVoltaire's PyTorch port;
-torchvision's default fill is 0). Colour ops round to the nearest integer (PIL) where torchvision's
-tensor path truncates. Every op maps uint8 [H, W, 3] -> uint8 [H, W, 3].
+Three policies (``input.auto_augment``):
+  'imagenet', 'cifar10'  torchvision's ``AutoAugmentPolicy.IMAGENET`` / ``.CIFAR10`` (the paper's
+      policies) with torchvision's magnitude bins: a sub-policy is drawn uniformly, then each
+      of its two ops runs with its probability; signed magnitudes get a random sign. Geometric
+      ops use nearest-neighbour sampling and fill uncovered pixels with grey 128 (the paper's
+      TF code and DeepVoltaire's PyTorch port; torchvision's default fill is 0).
+  'cifar10_released'  the variant in the DVP code release (its ``autoaug.py``, used by the
+      tricks stack): the same 25 CIFAR-10 sub-policies, but each magnitude is drawn uniformly
+      inside bin i of 10 equal bins spanning the op's range (``RELEASED_RANGES``; no random
+      sign: e.g. Rotate bin 2 = -18..-12 degrees, Solarize bin 2 = threshold 51.2..76.8,
+      Posterize bin 7 = round(U(6.8, 7.2)) = 7 bits, Color/Brightness bin 0 = factor
+      0.1..0.28); geometric ops are bicubic about the image centre with black (0) fill.
+Colour ops round to the nearest integer (PIL) where torchvision's tensor path truncates. Every
+op maps uint8 [H, W, 3] -> uint8 [H, W, 3].
 """
 from __future__ import annotations
 
@@ -73,6 +81,20 @@ POLICIES = {
     ),
 }
 
+POLICIES["cifar10_released"] = POLICIES["cifar10"]  # Same sub-policies, other magnitudes.
+RELEASED = ("cifar10_released",)
+
+# The released code's magnitude ranges: bin i of 10 is U(edges[i], edges[i + 1]) with
+# edges = linspace(lo, hi, 11). Translations are fractions of the image side; colour ops are
+# PIL enhance factors (1 = unchanged); Posterize is rounded to whole bits.
+RELEASED_RANGES = {
+    "ShearX": (-0.3, 0.3), "ShearY": (-0.3, 0.3),
+    "TranslateX": (-150 / 331, 150 / 331), "TranslateY": (-150 / 331, 150 / 331),
+    "Rotate": (-30.0, 30.0), "Solarize": (0.0, 256.0), "Posterize": (4.0, 8.0),
+    "Contrast": (0.1, 1.9), "Color": (0.1, 1.9), "Brightness": (0.1, 1.9),
+    "Sharpness": (0.1, 1.9),
+}
+
 SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
           "Contrast", "Sharpness"}
 
@@ -97,6 +119,21 @@ def magnitude(op: str, bin_index: int | None, height, width):
     if op == "Solarize":  # Threshold 255 -> 0.
         return 255.0 * (1.0 - t)
     return 0.0
+
+
+def released_range(op: str, bin_index: int) -> tuple[float, float]:
+    """(low, high) of the released code's magnitude of ``op`` in bin ``bin_index`` (0..9)."""
+    lo, hi = RELEASED_RANGES[op]
+    step = (hi - lo) / NUM_BINS
+    return lo + step * bin_index, lo + step * (bin_index + 1)
+
+
+def released_magnitude(op: str, bin_index: int | None, seed) -> tf.Tensor:
+    """A draw U(released_range(op, bin_index)) (float32 scalar); 0 for ops without one."""
+    if bin_index is None or op not in RELEASED_RANGES:
+        return tf.constant(0.0)
+    lo, hi = released_range(op, bin_index)
+    return tf.random.stateless_uniform([], seed, minval=lo, maxval=hi)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,6 +256,100 @@ def invert(image, m=0.0):
     return 255 - image
 
 
+def _cubic_weights(t):
+    """Keys cubic-convolution weights (a = -0.5, PIL's bicubic) of the 4 taps at offsets
+    -1, 0, 1, 2 from floor(x), for fractional part ``t`` [...] -> 4 arrays [...]."""
+    a = -0.5
+
+    def near(d):  # |d| <= 1
+        return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1
+
+    def far(d):  # 1 < |d| < 2
+        return a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a
+
+    return far(t + 1), near(t), near(1 - t), far(2 - t)
+
+
+def affine_bicubic(image, matrix):
+    """Bicubic affine warp with black fill, as scipy.ndimage.affine_transform(order=3,
+    mode='constant', cval=0) does (Keys cubic convolution here, a cubic B-spline there).
+
+    ``matrix`` (6 floats) maps each output pixel (x, y) to the input point
+    (m0 x + m1 y + m2, m3 x + m4 y + m5); points outside [0, W-1] x [0, H-1] are black.
+    uint8 [H, W, 3] -> uint8 [H, W, 3].
+    """
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    m = [tf.cast(v, tf.float32) for v in matrix]
+    ys, xs = tf.meshgrid(tf.range(h, dtype=tf.float32), tf.range(w, dtype=tf.float32),
+                         indexing="ij")
+    xi = m[0] * xs + m[1] * ys + m[2]
+    yi = m[3] * xs + m[4] * ys + m[5]
+    wf, hf = tf.cast(w - 1, tf.float32), tf.cast(h - 1, tf.float32)
+    eps = 1e-3
+    inside = (xi >= -eps) & (xi <= wf + eps) & (yi >= -eps) & (yi <= hf + eps)
+    x0, y0 = tf.floor(xi), tf.floor(yi)
+    wx, wy = _cubic_weights(xi - x0), _cubic_weights(yi - y0)
+    x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+    src = tf.cast(image, tf.float32)
+    out = tf.zeros(tf.concat([shape[:2], [3]], 0), tf.float32)
+    for j in range(4):
+        rows = tf.clip_by_value(y0 + j - 1, 0, h - 1)
+        for i in range(4):
+            cols = tf.clip_by_value(x0 + i - 1, 0, w - 1)
+            taps = tf.gather_nd(src, tf.stack([rows, cols], axis=-1))
+            out += (wy[j] * wx[i])[..., None] * taps
+    return _to_u8(tf.where(inside[..., None], out, 0.0))
+
+
+def _about_centre(image, a, b, c, d, tx=0.0, ty=0.0):
+    """affine_bicubic with input = centre + [[a, b], [c, d]] (output - centre) + (tx, ty)."""
+    shape = tf.cast(tf.shape(image), tf.float32)
+    cy, cx = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+    return affine_bicubic(image, [a, b, cx - a * cx - b * cy + tx,
+                                  c, d, cy - c * cx - d * cy + ty])
+
+
+# The released code's geometric ops, in its (row, column) convention rewritten in (x, y):
+# its ShearX moves rows by m * column (a vertical shear), its ShearY columns by m * row, its
+# translations read the input at +t pixels, and its rotation by theta is ours by -theta.
+def released_shear_x(image, m):
+    return _about_centre(image, 1.0, 0.0, m, 1.0)
+
+
+def released_shear_y(image, m):
+    return _about_centre(image, 1.0, m, 0.0, 1.0)
+
+
+def released_translate_x(image, fraction):
+    return _about_centre(image, 1.0, 0.0, 0.0, 1.0,
+                         tx=fraction * tf.cast(tf.shape(image)[1], tf.float32))
+
+
+def released_translate_y(image, fraction):
+    return _about_centre(image, 1.0, 0.0, 0.0, 1.0,
+                         ty=fraction * tf.cast(tf.shape(image)[0], tf.float32))
+
+
+def released_rotate(image, degrees):
+    a = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
+    cos, sin = tf.cos(a), tf.sin(a)
+    return _about_centre(image, cos, sin, -sin, cos)
+
+
+RELEASED_OPS = {
+    "ShearX": released_shear_x, "ShearY": released_shear_y,
+    "TranslateX": released_translate_x, "TranslateY": released_translate_y,
+    "Rotate": released_rotate,
+    # PIL enhance factors f: ours take f - 1.
+    "Brightness": lambda image, f: brightness(image, f - 1.0),
+    "Color": lambda image, f: color(image, f - 1.0),
+    "Contrast": lambda image, f: contrast(image, f - 1.0),
+    "Sharpness": lambda image, f: sharpness(image, f - 1.0),
+    "Posterize": lambda image, bits: posterize(image, tf.round(bits)),  # Half to even, as round().
+    "Solarize": lambda image, threshold: solarize(image, threshold),
+}
+
 OPS = {
     "ShearX": shear_x, "ShearY": shear_y, "TranslateX": translate_x, "TranslateY": translate_y,
     "Rotate": rotate, "Brightness": brightness, "Color": color, "Contrast": contrast,
@@ -232,25 +363,32 @@ OPS = {
 def apply_subpolicy(image: tf.Tensor, policy: str, index: int, seed, *, force: bool = False):
     """Sub-policy ``index`` of ``policy`` on uint8 [H, W, 3] -> uint8 [H, W, 3].
 
-    Each op runs with its probability (always when ``force``), signed magnitudes get a random sign.
+    Each op runs with its probability (always when ``force``). torchvision policies: signed
+    magnitudes get a random sign; released policies: the magnitude is drawn inside its bin.
     """
     shape = tf.shape(image)
     seeds = tf.random.experimental.stateless_split(seed, num=4)
+    released = policy in RELEASED
     for k, (op, prob, bin_index) in enumerate(POLICIES[policy][index]):
-        m = tf.cast(magnitude(op, bin_index, shape[0], shape[1]), tf.float32)
-        if op in SIGNED:
-            negative = tf.random.stateless_uniform([], seeds[2 * k + 1]) < 0.5
-            m = tf.where(negative, -m, m)
+        if released:
+            m = released_magnitude(op, bin_index, seeds[2 * k + 1])
+            fn = RELEASED_OPS.get(op, OPS[op])
+        else:
+            m = tf.cast(magnitude(op, bin_index, shape[0], shape[1]), tf.float32)
+            if op in SIGNED:
+                negative = tf.random.stateless_uniform([], seeds[2 * k + 1]) < 0.5
+                m = tf.where(negative, -m, m)
+            fn = OPS[op]
         apply = (tf.constant(True) if force
                  else tf.random.stateless_uniform([], seeds[2 * k]) < prob)
-        image = tf.cond(apply, lambda op=op, m=m, image=image: OPS[op](image, m),
+        image = tf.cond(apply, lambda fn=fn, m=m, image=image: fn(image, m),
                         lambda image=image: image)
         image = tf.ensure_shape(image, [None, None, 3])
     return image
 
 
 def auto_augment(image: tf.Tensor, policy: str, seed) -> tf.Tensor:
-    """AutoAugment ``policy`` ('imagenet' | 'cifar10') on uint8 [H, W, 3] -> uint8 [H, W, 3]."""
+    """AutoAugment ``policy`` ('imagenet' | 'cifar10' | 'cifar10_released') on uint8 [H, W, 3] -> uint8 [H, W, 3]."""
     choose_seed, apply_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     n = len(POLICIES[policy])
     choice = tf.random.stateless_uniform([], choose_seed, minval=0, maxval=n, dtype=tf.int32)

@@ -261,12 +261,13 @@ def check_backbone(model, config, source: pretrained.Pretrained, what: str) -> N
                       f"{mine}; the config asks for {want}.") from e
 
 
-def make_optimizer(config, sizes: common.DataSizes):
-    """(schedule, tx) from config.optim over config.num_epochs of ``sizes``."""
-    schedule = optim.make_schedule(config.optim, global_batch=config.batch_size,
+def make_optimizer(config, sizes: common.DataSizes, optim_config=None):
+    """(schedule, tx) from ``optim_config`` (default config.optim) over config.num_epochs."""
+    oc = config.optim if optim_config is None else optim_config
+    schedule = optim.make_schedule(oc, global_batch=config.batch_size,
                                    steps_per_epoch=sizes.steps_per_epoch,
                                    num_epochs=config.num_epochs)
-    return schedule, optim.make_optimizer(config.optim, schedule)
+    return schedule, optim.make_optimizer(oc, schedule)
 
 
 def with_lr(train_step, schedule):

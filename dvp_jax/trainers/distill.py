@@ -13,7 +13,9 @@ d (config.distill.kind):
          student side a trainable 1x1 conv (no bias) + BN "connector" per stage; per-channel
          margins from the teacher's last BN of each stage (objectives.ofd_margin, computed once
          at init); partial L2 with stage weights 1/8, 1/4, 1/2, 1, / batch / 1e4
-         (objectives.ofd_loss); lambda = 1, off for the first 5 epochs.
+         (objectives.ofd_loss); lambda = 1, off for the first distill.start_epochs epochs
+         (with distill.epochs_from_one, as the released code: on after 4 epochs, lr drops
+         after 29/59/89 epochs instead of 30/60/90).
 
 The teacher (a Phase-1 checkpoint, head dropped, via trainers/pretrained.py) is a frozen param
 tree in the state: outside the optimizer, never differentiated (stop_gradient), BN in inference
@@ -158,6 +160,26 @@ def make_distill_term(teacher_model, dc, *, start_step: int, connectors: Connect
                               init=init, prepare=prepare, loss=loss)
 
 
+def distill_start_epoch(dc) -> float:
+    """Epochs trained before distillation starts: start_epochs, or start_epochs - 1 when
+    ``distill.epochs_from_one`` (the released code numbers epochs 1, 2, ... and distils from
+    epoch number start_epochs, i.e. after start_epochs - 1 epochs)."""
+    shift = 1.0 if dc.get("epochs_from_one", False) else 0.0
+    return max(0.0, float(dc.start_epochs) - shift)
+
+
+def phase2_optim_config(config):
+    """config.optim, with each 'step' decay epoch one earlier when ``distill.epochs_from_one``
+    (the released code's ``lr * 0.1 ** (epoch // 30)`` with epochs from 1: drops after 29, 59,
+    89 epochs)."""
+    if not config.distill.get("epochs_from_one", False) or config.optim.schedule != "step":
+        return config.optim
+    oc = config.optim.copy_and_resolve_references()
+    with oc.unlocked():
+        oc.decay_epochs = tuple(max(0.0, float(e) - 1.0) for e in config.optim.decay_epochs)
+    return oc
+
+
 def check_teacher(model, config, teacher: pretrained.Pretrained) -> None:
     """The teacher must have the student's backbone (same architecture and width)."""
     classify.check_backbone(model, config, teacher, "config.distill.teacher_checkpoint")
@@ -175,7 +197,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     teacher = load_teacher(config)
     check_teacher(model, config, teacher)
     teacher_model = common.build_model(dict(teacher.model_kwargs, dtype=str(config.model.dtype)))
-    schedule, tx = classify.make_optimizer(config, sizes)
+    schedule, tx = classify.make_optimizer(config, sizes, optim_config=phase2_optim_config(config))
 
     connectors, stage_shapes = None, None
     if dc.kind == "ofd":
@@ -185,7 +207,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         stage_shapes = {s: out_shapes[s] for s in STAGES}
         channels = tuple(int(np.shape(m)[0]) for m in ofd_margins(teacher).values())
         connectors = Connectors(channels, dtype=jnp.dtype(config.model.dtype))
-    start_step = int(round(dc.start_epochs * sizes.steps_per_epoch))
+    start_step = int(round(distill_start_epoch(dc) * sizes.steps_per_epoch))
     term = make_distill_term(teacher_model, dc, start_step=start_step, connectors=connectors,
                              teacher=teacher, student_stage_shapes=stage_shapes,
                              student_from_teacher=dc.student_init == "teacher")
