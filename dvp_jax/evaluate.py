@@ -427,14 +427,30 @@ def write_json(result: dict, path: str) -> None:
     p.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
+def training_best_epoch(checkpoint_dir: str, split: str) -> dict | None:
+    """The training run's "best val epoch (reference protocol)" record for ``split``
+    (WORKDIR/best_<split>.json beside the checkpoints, written by the classification and
+    Phase-2 trainers), or None. The evaluated checkpoint itself is the "final" one."""
+    from dvp_jax.trainers import classify
+    workdir = os.path.dirname(resolve_checkpoint_dir(checkpoint_dir).rstrip("/")) or "."
+    return classify.read_best(workdir, split)
+
+
 def summary_line(result: dict) -> str:
     """One human line: 'val (N examples): top1 ... top5 ... knn_top1 ...'."""
     keys = [k for k in ("top1", "top5", "knn_top1", "knn_top5") if k in result]
     what = f"{len(result['checkpoints'])}-model ensemble" if len(result["checkpoints"]) > 1 \
         else result["checkpoints"][0]
     crop = ", ten-crop" if result.get("ten_crop") else ""
-    return (f"{what} on {result['split']} ({result['num_examples']} examples{crop}): " +
+    line = (f"{what} on {result['split']} ({result['num_examples']} examples{crop}): " +
             "  ".join(f"{k} {result[k]:.2f}" for k in keys))
+    best = result.get("best_val_epoch")
+    if best:
+        epoch = f" at epoch {best['epoch']:g}" if best.get("epoch") is not None else ""
+        line += (f"\n  final (this checkpoint) top1 {result.get('top1', float('nan')):.2f}; "
+                 f"{best['label']}: top1 {best['top1']:.2f}{epoch} (step {best['step']}, "
+                 "from training)")
+    return line
 
 
 # ----------------------------------------------------------------------------- command line
@@ -507,6 +523,10 @@ def _main(argv) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if len(f.checkpoint) == 1 and not f.ten_crop and "top1" in result:
+        best = training_best_epoch(f.checkpoint[0], f.split)
+        if best is not None:
+            result["best_val_epoch"] = best
     if jax.process_index() == 0:
         out = f.out or default_output_path(f.checkpoint[0], f.split, ten_crop=f.ten_crop,
                                            ensemble=len(f.checkpoint) > 1)

@@ -85,7 +85,11 @@ def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
     loop.set_stage_label("")
     accuracies = _evaluate_stage(stage, stage_dir, config.eval_splits, c)
     uses_phase1 = stage != "supervised"
+    # 'accuracy' is the final epoch's; 'best_val_epoch' the reference code's protocol (the
+    # best of the periodic evaluations on input.eval_split; None for the k-NN of Phase 1).
+    from dvp_jax.trainers import classify
     record = {"stage": stage, "seed": seed, "accuracy": accuracies,
+              "best_val_epoch": classify.read_best(stage_dir, c.input.eval_split),
               "pretrain_epochs": config.stages.moco.num_epochs if uses_phase1 else 0,
               "train_epochs": 0 if stage == "moco" else c.num_epochs,
               "workdir": stage_dir}

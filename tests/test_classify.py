@@ -87,6 +87,9 @@ def check_run_outputs(workdir, trainer, steps=2):
     assert result["split"] == "val" and result["step"] == steps
     assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
     assert result["num_examples"] == 64
+    with open(os.path.join(workdir, "best_val.json")) as f:
+        best = json.load(f)
+    assert best["label"] == "best val epoch (reference protocol)" and best["top1"] >= result["top1"]
     return meta, result
 
 
@@ -159,3 +162,22 @@ def test_paper_recipes():
     assert tuple(lin.optim.decay_epochs) == (60.0, 80.0)
     assert classify_config.get_config("vipriors_448").input.image_size == 448
     assert classify_config.get_config("vipriors_resnext101").model.name == "resnext101_32x8d"
+
+
+def test_best_val_epoch_bookkeeping(tmp_path):
+    """The reference's protocol: the best top-1 over evaluations, ties to the later one, its
+    own top-5; resumed from WORKDIR/best_<split>.json, a stale (later-step) record dropped."""
+    from dvp_jax.trainers import classify
+    workdir = str(tmp_path)
+    tracker = classify.BestEpoch(workdir, "val")
+    seen = []
+    for step, top1, top5 in ((7, 50.0, 90.0), (14, 60.0, 91.0), (21, 55.0, 99.0),
+                             (28, 60.0, 92.0), (35, 40.0, 80.0)):
+        seen.append(tracker({"top1": top1, "top5": top5, "step": step})["step"])
+    assert seen == [7, 14, 14, 28, 28]
+    assert classify.read_best(workdir, "val") == {"top1": 60.0, "top5": 92.0, "step": 28}
+    resumed = classify.BestEpoch(workdir, "val")
+    assert resumed({"top1": 58.0, "top5": 95.0, "step": 42})["step"] == 28
+    fresh = classify.BestEpoch(workdir, "val")  # A new run in the same workdir: step 7 < 28.
+    assert fresh({"top1": 10.0, "top5": 20.0, "step": 7})["top1"] == 10.0
+    assert classify.read_best(workdir, "val")["step"] == 7

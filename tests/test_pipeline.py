@@ -32,7 +32,14 @@ def test_every_artefact_exists_and_is_well_formed(finished):
     table = open(os.path.join(workdir, "results.md")).read()
     for label, _ in pipeline.ROWS.values():
         assert label in table
-    assert "val top-1 (%)" in table and "±" in table
+    assert "val top-1 (%) final" in table and "±" in table
+    assert "best val epoch (reference protocol)" in table
+    for row in saved["rows"]:  # The reference's protocol beside the final epoch (not k-NN).
+        if row["stage"] == "moco":
+            assert "best_val_epoch" not in row
+        else:
+            assert row["best_val_epoch"]["split"] == "val"
+            assert 0.0 <= row["best_val_epoch"]["mean"] <= 100.0
     for png in ("curves.png", "accuracy.png"):
         with open(os.path.join(workdir, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

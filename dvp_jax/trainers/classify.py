@@ -23,7 +23,9 @@ weight at 0 a distillation step equals a finetune step.
 
 Evaluation: top-1 / top-5 of the logits on ``input.eval_split`` ('eval_center' transform)
 every ``loop.eval_every_epochs`` and at the end; process 0 writes the latest result to
-``WORKDIR/eval_<split>.json`` ({'top1', 'top5' (percent), 'split', 'step', ...}).
+``WORKDIR/eval_<split>.json`` ({'top1', 'top5' (percent), 'split', 'step', ...}; at the end:
+the "final" accuracy) and the best one so far to ``WORKDIR/best_<split>.json`` (the "best val
+epoch (reference protocol)" the reference code reports).
 """
 from __future__ import annotations
 
@@ -195,26 +197,91 @@ def write_eval_json(workdir: str, result: dict) -> str:
     return path
 
 
+BEST_LABEL = "best val epoch (reference protocol)"
+
+
+def best_json_path(workdir: str, split: str) -> str:
+    """WORKDIR/best_<split>.json: the evaluation with the highest top-1 so far."""
+    return os.path.join(workdir, f"best_{split_tag(split)}.json")
+
+
+def read_best(workdir: str, split: str) -> dict | None:
+    """The best-epoch record of ``split`` in ``workdir`` (None if there is none)."""
+    path = best_json_path(workdir, split)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def better_or_equal(result: dict, best: dict | None) -> bool:
+    """The reference's rule (``is_best = err1 <= best_err1``): a tie moves the best to the
+    later evaluation, and top-5 is the best epoch's top-5, not the maximum."""
+    return best is None or result["top1"] >= best["top1"]
+
+
+class BestEpoch:
+    """Keeps the best evaluation of one split: ``tracker(result) -> best so far``.
+
+    result: {'top1', 'top5', 'step', ...}. The first call resumes WORKDIR/best_<split>.json
+    (a record from a later step than ``result`` is stale and dropped); every new best is
+    written there (process 0). ``workdir`` None: memory only.
+    """
+
+    def __init__(self, workdir: str | None, split: str):
+        self.workdir, self.split = workdir, split
+        self.best: dict | None = None
+        self.started = False
+
+    def __call__(self, result: dict) -> dict:
+        if not self.started:
+            self.started = True
+            saved = read_best(self.workdir, self.split) if self.workdir else None
+            self.best = saved if saved and saved["step"] <= result["step"] else None
+        if better_or_equal(result, self.best):
+            self.best = result
+            if self.workdir is not None and jax.process_index() == 0:
+                path = best_json_path(self.workdir, self.split)
+                with open(path + ".tmp", "w") as f:
+                    json.dump(result, f, indent=2, sort_keys=True)
+                os.replace(path + ".tmp", path)
+        return self.best
+
+
 def accuracy_evaluator(config, model, mesh, *, split: str | None = None,
                        workdir: str | None = None, trainer: str = "",
-                       transform: str = EVAL_TRANSFORM) -> Callable[[Any], dict]:
-    """state -> {'<split>_top1': %, '<split>_top5': %} of the model's logits on ``split``
-    (default input.eval_split), with inference-mode BN; also writes WORKDIR/eval_<split>.json."""
+                       transform: str = EVAL_TRANSFORM,
+                       steps_per_epoch: int = 0) -> Callable[[Any], dict]:
+    """state -> {'<split>_top1': %, '<split>_top5': %, '<split>_best_top1': %} of the model's
+    logits on ``split`` (default input.eval_split), with inference-mode BN.
+
+    Writes WORKDIR/eval_<split>.json (this evaluation: the "final" accuracy once training
+    ends) and WORKDIR/best_<split>.json ({'top1', 'top5', 'step', 'epoch', 'label'}: the
+    evaluation with the highest top-1 so far, the reference code's "best val epoch"
+    protocol; ties go to the later one; kept across resumes). The best is taken over the
+    evaluations that ran (every loop.eval_every_epochs; the reference evaluates every epoch).
+    """
     split = split or config.input.eval_split
     predict = features.model_output(model, "logits")
     tag = split_tag(split)
+    track_best = BestEpoch(workdir, split)
 
     def evaluate(state) -> dict:
         logits, labels = features.extract(predict, common.encoder_variables(state),
                                           common.eval_batches(config, split, transform), mesh)
         acc = metrics.accuracy_from_scores(logits, labels, ks=(1, 5))
+        step = int(jax.device_get(state["step"]))
+        best = track_best({"top1": float(acc["top1"]), "top5": float(acc["top5"]), "split": split,
+                           "step": step, "label": BEST_LABEL,
+                           "epoch": step / steps_per_epoch if steps_per_epoch else None})
         if workdir is not None:
             write_eval_json(workdir, {
                 "top1": acc["top1"], "top5": acc["top5"], "split": split,
                 "step": int(jax.device_get(state["step"])), "trainer": trainer,
                 "num_examples": int(labels.shape[0]), "transform": transform,
                 "image_size": int(config.input.image_size)})
-        return {f"{tag}_top1": acc["top1"], f"{tag}_top5": acc["top5"]}
+        return {f"{tag}_top1": acc["top1"], f"{tag}_top5": acc["top5"],
+                f"{tag}_best_top1": best["top1"]}
 
     return evaluate
 
@@ -308,7 +375,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         train_step=with_lr(train_step, schedule), train_batches=train_batches_fn(config),
         total_steps=sizes.total_steps, steps_per_epoch=sizes.steps_per_epoch,
         images_per_step=config.batch_size, meta=meta,
-        evaluators=[accuracy_evaluator(config, model, mesh, workdir=workdir, trainer=trainer)],
+        evaluators=[accuracy_evaluator(config, model, mesh, workdir=workdir, trainer=trainer,
+                                       steps_per_epoch=sizes.steps_per_epoch)],
         eval_every_steps=common.eval_every_steps(config, sizes.steps_per_epoch))
 
 

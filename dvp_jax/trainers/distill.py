@@ -226,7 +226,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
               "distill": {"kind": dc.kind, "weight": float(dc.weight),
                           "teacher_bn": dc.teacher_bn, "student_init": dc.student_init}},
         evaluators=[classify.accuracy_evaluator(config, model, mesh, workdir=workdir,
-                                                trainer="distill")],
+                                                trainer="distill",
+                                                steps_per_epoch=sizes.steps_per_epoch)],
         eval_every_steps=common.eval_every_steps(config, sizes.steps_per_epoch),
         check_resume=pretrained.check_same_teacher(
             teacher, "config.distill.teacher_checkpoint"))
