@@ -46,6 +46,9 @@ PRESETS = ("supervised_digits", "linear_digits", "finetune_digits", "runlocal", 
 def classify_section() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.label_smoothing = 0.0  # CE target (1 - e) * onehot + e / N.
+    # Mixup's Beta(alpha, alpha); 0 = off. The DVP release's --mixup is 1.0 (Phase 2: the
+    # teacher distils on the mixed images too).
+    c.mixup_alpha = 0.0
     # 'finetune' / 'linear': the Phase-1 checkpoint directory (WORKDIR/checkpoints of a moco run,
     # or a converted PyTorch checkpoint); its projection head is dropped.
     c.init_checkpoint = ""

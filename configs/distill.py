@@ -70,6 +70,9 @@ def classify_section() -> ml_collections.ConfigDict:
     """The keys of configs/classify.py's section that Phase 2 reads (same paths)."""
     c = ml_collections.ConfigDict()
     c.label_smoothing = 0.0  # CE target (1 - e) * onehot + e / N.
+    # Mixup's Beta(alpha, alpha); 0 = off. The DVP release's --mixup is 1.0 (Phase 2: the
+    # teacher distils on the mixed images too).
+    c.mixup_alpha = 0.0
     return c
 
 

@@ -74,6 +74,8 @@ def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
          "'moco_v2' or 'train_crop_flip'"),
         ("classify.label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)"),
         ("classify.linear_init_std", *positive),
+        ("classify.mixup_alpha", lambda v: v >= 0, "a number >= 0 (0 = no mixup; the release's --mixup: 1)"),
+        ("model.variant", lambda v: v in ("torchvision", "seed"), "'torchvision' or 'seed'"),
         ("distill.kind", lambda v: v in ("l2", "ofd"), "'l2' (paper text) or 'ofd' (released code)"),
         ("distill.teacher_bn", lambda v: v in ("eval", "train"), "'eval' or 'train'"),
         ("distill.student_init", lambda v: v in ("teacher", "random"), "'teacher' or 'random'"),

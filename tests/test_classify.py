@@ -181,3 +181,49 @@ def test_best_val_epoch_bookkeeping(tmp_path):
     fresh = classify.BestEpoch(workdir, "val")  # A new run in the same workdir: step 7 < 28.
     assert fresh({"top1": 10.0, "top5": 20.0, "step": 7})["top1"] == 10.0
     assert classify.read_best(workdir, "val")["step"] == 7
+
+
+def test_mixup_loss_on_a_fixed_batch_matches_numpy():
+    """Mixup as the release: lam ~ Beta(1, 1), one permutation; CE = lam CE(y) + (1-lam) CE(y[p])
+    on the logits of the MIXED batch; the extra term (Phase 2's teacher) sees the mixed batch."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import optax
+    from dvp_jax.trainers import classify
+
+    class Linear(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            return {"logits": nn.Dense(3)(x.reshape(x.shape[0], -1))}
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(6, 2, 2, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2, 0, 1, 2], np.int32)
+    model = Linear()
+    params = model.init(jax.random.PRNGKey(1), images)["params"]
+    state = {"step": jnp.asarray(3, jnp.int32), "params": params, "batch_stats": {},
+             "rng": jax.random.PRNGKey(7), "opt_state": optax.sgd(0.0).init({"params": params})}
+    seen = {}
+    extra = classify.ExtraTerm(
+        trainable_keys=(), init=None,
+        prepare=lambda s, batch: seen.setdefault("image", batch["image"]),
+        loss=lambda trainable, s, out, ctx: (jnp.zeros(()), {}, {}))
+    step = classify.make_train_step(model, optax.sgd(0.0), mixup_alpha=1.0, extra=extra)
+    _, metrics = step(state, {"image": jnp.asarray(images), "label": jnp.asarray(labels)})
+
+    mixed, labels_b, lam = classify.mixup(classify.step_rngs(state)[0], jnp.asarray(images),
+                                          jnp.asarray(labels), 1.0)
+    lam = float(lam)
+    partner = (np.asarray(mixed) - lam * images) / (1 - lam)  # = images[perm]
+    perm = [int(np.argmin(np.abs(images - partner[i]).sum(axis=(1, 2, 3)))) for i in range(6)]
+    np.testing.assert_allclose(images[perm], partner, atol=1e-4)
+    assert sorted(perm) == list(range(6)) and np.array_equal(np.asarray(labels_b), labels[perm])
+    np.testing.assert_allclose(np.asarray(seen["image"]), np.asarray(mixed), atol=1e-6)
+    w, b = np.asarray(params["Dense_0"]["kernel"]), np.asarray(params["Dense_0"]["bias"])
+    logits = np.asarray(mixed).reshape(6, -1) @ w + b
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -(lam * logp[np.arange(6), labels] + (1 - lam) * logp[np.arange(6), labels[perm]]).mean()
+    assert float(metrics["ce"]) == pytest.approx(expected, rel=1e-5)
+    lams = [float(classify.mixup(jax.random.PRNGKey(i), jnp.zeros((2, 1)), jnp.zeros(2, jnp.int32),
+                                 1.0)[2]) for i in range(300)]
+    assert abs(np.mean(lams) - 0.5) < 0.05 and abs(np.var(lams) - 1 / 12) < 0.02  # Beta(1, 1).

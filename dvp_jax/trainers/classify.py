@@ -15,7 +15,7 @@ State (a plain dict pytree, replicated over the mesh):
     opt_state    SGD state of the TRAINABLE tree only: {'params': params} ('supervised',
                  'finetune', 'distill'), {'params': {'classifier'}} ('linear'), plus the
                  entries a trainer adds (Phase 2's OFD connectors: 'connector_params')
-    rng          PRNG key [2] (uint32), unused by the step today (kept for dropout-like extras)
+    rng          PRNG key [2] (uint32); step k draws from fold_in(rng, k) (mixup, dropout)
 
 ``make_train_step`` is the ONE classification step: Phase 2 (trainers/distill.py) passes an
 ``ExtraTerm`` (its distillation loss) and otherwise runs exactly this code, so with the term's
@@ -79,20 +79,54 @@ def top1(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return 100.0 * jnp.mean(jnp.argmax(logits, axis=-1) == labels)
 
 
+def step_rngs(state: dict) -> tuple[jax.Array, jax.Array]:
+    """(mixup key, dropout key) of this step: fold_in(state['rng'], state['step']), split."""
+    mix_key, dropout_key = jax.random.split(jax.random.fold_in(state["rng"], state["step"]))
+    return mix_key, dropout_key
+
+
+def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, alpha: float):
+    """Mixup (Zhang et al.), as the DVP release's ``mixup_data``: lam ~ Beta(alpha, alpha),
+    one random permutation p of the batch; images [B, ...] -> lam * images + (1 - lam) *
+    images[p]. Returns (mixed images, labels[p] int32 [B], lam float32 [])."""
+    lam_key, perm_key = jax.random.split(rng)
+    lam = jax.random.beta(lam_key, alpha, alpha).astype(jnp.float32)
+    perm = jax.random.permutation(perm_key, images.shape[0])
+    mixed = lam * images + (1.0 - lam) * images[perm]
+    return mixed.astype(images.dtype), labels[perm], lam
+
+
 def make_train_step(model, tx: optax.GradientTransformation, *, label_smoothing: float = 0.0,
-                    frozen_backbone: bool = False, extra: ExtraTerm | None = None):
+                    frozen_backbone: bool = False, extra: ExtraTerm | None = None,
+                    mixup_alpha: float = 0.0):
     """The pure classification step (state, batch) -> (state, metrics).
 
     batch: 'image' float [B, S, S, 3], 'label' int32 [B]. Loss = CE(logits, labels; label
     smoothing) (+ the extra term). ``frozen_backbone``: the model runs in inference mode
     (BN running statistics, no update) and only params['classifier'] is differentiated.
+    ``mixup_alpha`` > 0: the batch is mixed first (``mixup``; the extra term, i.e. Phase 2's
+    teacher, sees the mixed images too, as in the release) and CE = lam * CE(labels) +
+    (1 - lam) * CE(permuted labels); train top1 is mixed the same way.
+    Dropout layers (SEED's students) draw from the step's 'dropout' rng (``step_rngs``).
     Metrics: loss, ce, top1 (train, %), grad_norm (+ the extra term's metrics).
     """
     extra_keys = extra.trainable_keys if extra is not None else ()
 
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
         images, labels = batch["image"], batch["label"]
+        mix_key, dropout_key = step_rngs(state)
+        lam, labels_b = None, None
+        if mixup_alpha > 0.0:
+            images, labels_b, lam = mixup(mix_key, images, labels, mixup_alpha)
+            batch = dict(batch, image=images)
         context = extra.prepare(state, batch) if extra is not None else None
+
+        def criterion(logits):
+            ce = objectives.softmax_cross_entropy(logits, labels, label_smoothing)
+            if lam is None:
+                return ce
+            return lam * ce + (1.0 - lam) * objectives.softmax_cross_entropy(
+                logits, labels_b, label_smoothing)
 
         def loss_fn(trainable):
             params = {**state["params"], **trainable["params"]}
@@ -101,9 +135,10 @@ def make_train_step(model, tx: optax.GradientTransformation, *, label_smoothing:
                 out = model.apply(variables, images, train=False)
                 batch_stats = state["batch_stats"]
             else:
-                out, new_vars = model.apply(variables, images, train=True, mutable=["batch_stats"])
+                out, new_vars = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                            rngs={"dropout": dropout_key})
                 batch_stats = new_vars["batch_stats"]
-            ce = objectives.softmax_cross_entropy(out["logits"], labels, label_smoothing)
+            ce = criterion(out["logits"])
             loss, updates, extra_metrics = ce, {}, {}
             if extra is not None:
                 term, updates, extra_metrics = extra.loss(trainable, state, out, context)
@@ -119,7 +154,10 @@ def make_train_step(model, tx: optax.GradientTransformation, *, label_smoothing:
         new_state.update({k: trainable[k] for k in extra_keys})
         new_state.update(step=state["step"] + 1, opt_state=opt_state, batch_stats=batch_stats,
                          params={**state["params"], **trainable["params"]})
-        out_metrics = {"loss": loss, "ce": ce, "top1": top1(logits, labels),
+        accuracy = top1(logits, labels)
+        if lam is not None:
+            accuracy = lam * accuracy + (1.0 - lam) * top1(logits, labels_b)
+        out_metrics = {"loss": loss, "ce": ce, "top1": accuracy,
                        "grad_norm": optim.global_norm(grads), **extra_metrics}
         return new_state, out_metrics
 
@@ -364,7 +402,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
                          f"config.classify.init_checkpoint={config.classify.init_checkpoint!r} "
                          "is set; use config.trainer='finetune' (or 'linear') to start from it.")
     train_step = make_train_step(model, tx, label_smoothing=config.classify.label_smoothing,
-                                 frozen_backbone=frozen)
+                                 frozen_backbone=frozen,
+                                 mixup_alpha=config.classify.get("mixup_alpha", 0.0))
     meta = {"trainer": trainer, "model": kwargs}
     if init is not None:
         meta["init"] = init.describe()

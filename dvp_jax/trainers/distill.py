@@ -212,7 +212,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
                              teacher=teacher, student_stage_shapes=stage_shapes,
                              student_from_teacher=dc.student_init == "teacher")
     train_step = classify.make_train_step(model, tx, label_smoothing=config.classify.label_smoothing,
-                                          extra=term)
+                                          extra=term,
+                                          mixup_alpha=config.classify.get("mixup_alpha", 0.0))
     init_state = classify.make_init_state(
         model, tx, config, init=teacher if dc.student_init == "teacher" else None, extra=term,
         what="config.distill.teacher_checkpoint")
