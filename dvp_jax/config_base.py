@@ -76,6 +76,9 @@ def model_config(name: str = "resnet18") -> ml_collections.ConfigDict:
     c.small_stem = False  # 3x3 stride-1 stem, no max-pool: for 32-64 px inputs.
     c.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16' (params and BN stats stay fp32).
     c.zero_init_residual = False
+    # 'torchvision' | 'seed': SEED's own MobileNetV3-Large / EfficientNet-B0 definitions (BN
+    # settings, layer order, padding, dropout; see dvp_jax/models/). ResNets: no difference.
+    c.variant = "torchvision"
     return c
 
 

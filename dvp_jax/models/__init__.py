@@ -38,7 +38,8 @@ def _check_name(name: str) -> None:
 
 def build(name: str, *, num_classes: int = 0, projection_dims: Sequence[int] = (),
           bn_groups: int = 1, small_stem: bool = False, width_multiplier: float = 1.0,
-          dtype: str | Any = "float32", zero_init_residual: bool = False) -> nn.Module:
+          dtype: str | Any = "float32", zero_init_residual: bool = False,
+          variant: str = "torchvision") -> nn.Module:
     """The Model (backbone + heads) registered as ``name``.
 
     Args:
@@ -52,6 +53,9 @@ def build(name: str, *, num_classes: int = 0, projection_dims: Sequence[int] = (
       dtype: compute dtype ('float32' or 'bfloat16'); params, BN statistics and the outputs
         'pooled', 'projection', 'logits' stay float32.
       zero_init_residual: the last BN gamma of each residual block starts at 0.
+      variant: 'torchvision' or 'seed' (SEED's own MobileNetV3 / EfficientNet-B0 definitions,
+        see mobilenet_v3.py and efficientnet.py; they use dropout in training, so their
+        training step needs a 'dropout' rng). ResNets are the same in both.
     """
     _check_name(name)
     dt = jnp.dtype(dtype)
@@ -59,10 +63,14 @@ def build(name: str, *, num_classes: int = 0, projection_dims: Sequence[int] = (
                   bn_groups=int(bn_groups), zero_init_residual=bool(zero_init_residual), dtype=dt)
     if name in resnet.CONFIGS:
         backbone = resnet.ResNet(**resnet.CONFIGS[name], **common)
+    elif variant not in mobilenet_v3.VARIANTS:
+        raise ValueError(f"model.variant={variant!r}; allowed: {', '.join(mobilenet_v3.VARIANTS)}.")
     elif name == "mobilenet_v3_large":
-        backbone = mobilenet_v3.MobileNetV3Large(**common)
+        backbone = mobilenet_v3.MobileNetV3Large(variant=variant, **common)
     else:  # efficientnet_b0
-        backbone = efficientnet.EfficientNetB0(stochastic_depth_prob=0.0, **common)
+        drop_connect = efficientnet.SEED_DROP_CONNECT if variant == "seed" else 0.0
+        backbone = efficientnet.EfficientNetB0(stochastic_depth_prob=drop_connect,
+                                               variant=variant, **common)
     return Model(backbone=backbone, num_classes=int(num_classes),
                  projection_dims=tuple(int(d) for d in projection_dims), dtype=dt)
 

@@ -1,4 +1,4 @@
-"""EfficientNet-B0 with torchvision's definition (a SEED student).
+"""EfficientNet-B0 (a SEED student): torchvision's definition, or SEED's own (``variant``).
 
 torchvision: ``features`` (stem, 7 MBConv stages, 1x1 conv to 1280, SiLU) -> avg-pool ->
 ``classifier`` = Dropout(0.2) -> Linear(1280, classes). 'pooled' is the 1280-d average after
@@ -6,8 +6,14 @@ the last SiLU (SiLU >= -0.279, so it can be slightly negative); our classifier i
 BatchNorm: torch defaults (eps 1e-5, momentum 0.1), as torchvision's B0.
 
 Stochastic depth (torchvision: 0.2 x block_index / 16 per block, training only) is implemented
-(``EfficientNetB0.stochastic_depth_prob``) but ``models.build`` sets it to 0.0 (off), because
-it needs a 'dropout' rng that the shared trainers do not pass.
+(``EfficientNetB0.stochastic_depth_prob``); ``models.build`` turns it off for 'torchvision'.
+
+``variant='seed'``: the definition SEED trains (EfficientNet-PyTorch by lukemelas, vendored in
+jacobswan1/SEED): the same blocks and parameter tree (same parameter count), with BatchNorm
+eps 1e-3 and momentum 0.01 (TF's 0.99), TensorFlow 'SAME' padding (the extra pixel of a
+stride-2 conv at the bottom / right), drop-connect 0.2 x block_index / 16 (``models.build``
+sets stochastic_depth_prob 0.2) and Dropout(0.2) on 'pooled' in training (before the head).
+Both need a 'dropout' rng in training.
 
 Parameter tree under ``params['backbone']``::
 
@@ -45,6 +51,12 @@ B0 = (
     (6, 3, 1, 192, 320, 1),
 )
 STAGES = (2, 3, 5, 7)  # features index of the 4 named stages
+VARIANTS = ("torchvision", "seed")
+# variant -> keyword arguments of every ConvBNAct (BN eps, torch-convention momentum, padding).
+CONV_SETTINGS = {"torchvision": dict(bn_epsilon=1e-5, bn_momentum=0.1, tf_same=False),
+                 "seed": dict(bn_epsilon=1e-3, bn_momentum=0.01, tf_same=True)}
+SEED_DROPOUT = 0.2
+SEED_DROP_CONNECT = 0.2
 
 
 class MBConv(nn.Module):
@@ -57,11 +69,12 @@ class MBConv(nn.Module):
     stochastic_depth_prob: float = 0.0
     bn_groups: int = 1
     zero_init_residual: bool = False
+    variant: str = "torchvision"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        kw = dict(bn_groups=self.bn_groups, dtype=self.dtype)
+        kw = dict(bn_groups=self.bn_groups, dtype=self.dtype, **CONV_SETTINGS[self.variant])
         use_res = self.stride == 1 and self.input_channels == self.out_channels
         expanded = make_divisible(self.input_channels * self.expand_ratio, 8)
         y = x
@@ -75,7 +88,7 @@ class MBConv(nn.Module):
         y = ConvBNAct(self.out_channels, 1, act=None, name="project",
                       bn_scale_init=nn.initializers.zeros if zero else nn.initializers.ones,
                       **kw)(y, train)
-        if use_res:
+        if use_res:  # Drop-connect of EfficientNet-PyTorch = torchvision's row-wise StochasticDepth.
             y = StochasticDepth(self.stochastic_depth_prob)(y, train) + x
         return y
 
@@ -91,15 +104,19 @@ class EfficientNetB0(nn.Module):
     bn_groups: int = 1
     zero_init_residual: bool = False
     stochastic_depth_prob: float = 0.0
+    variant: str = "torchvision"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"model.variant={self.variant!r}; allowed: {', '.join(VARIANTS)}.")
         adj = lambda c: make_divisible(c * self.width_multiplier, 8)
         kw = dict(bn_groups=self.bn_groups, dtype=self.dtype)
+        conv_kw = dict(kw, **CONV_SETTINGS[self.variant])
         x = x.astype(self.dtype)
         x = ConvBNAct(adj(B0[0][3]), 3, 1 if self.small_stem else 2, act=nn.silu,
-                      name="features_0", **kw)(x, train)
+                      name="features_0", **conv_kw)(x, train)
         total = sum(cfg[5] for cfg in B0)
         block_id = 0
         out: dict[str, jax.Array] = {}
@@ -109,13 +126,16 @@ class EfficientNetB0(nn.Module):
                 sd = self.stochastic_depth_prob * block_id / total
                 x = MBConv(e, k, stride if b == 0 else 1, cin if b == 0 else cout, cout,
                            stochastic_depth_prob=sd, zero_init_residual=self.zero_init_residual,
-                           name=f"features_{s}_{b}", **kw)(x, train)
+                           variant=self.variant, name=f"features_{s}_{b}", **kw)(x, train)
                 block_id += 1
             if s in STAGES:
                 out[f"stage{STAGES.index(s) + 1}"] = x
         x = ConvBNAct(4 * adj(B0[-1][4]), 1, act=nn.silu, name=f"features_{len(B0) + 1}",
-                      **kw)(x, train)
-        out["pooled"] = global_avg_pool(x)
+                      **conv_kw)(x, train)
+        pooled = global_avg_pool(x)
+        if self.variant == "seed":
+            pooled = nn.Dropout(SEED_DROPOUT, deterministic=not train)(pooled)
+        out["pooled"] = pooled
         return out
 
 

@@ -132,18 +132,30 @@ class BatchNorm(nn.Module):
         return y.astype(out_dtype)
 
 
+def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's 'SAME' padding of one spatial side (EfficientNet-PyTorch's
+    Conv2dStaticSamePadding): total max((ceil(n / s) - 1) * s + k - n, 0), the extra pixel
+    at the end (bottom / right)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
 def conv(features: int, kernel: int, stride: int = 1, *, groups: int = 1, use_bias: bool = False,
          dtype: Dtype = jnp.float32, name: str | None = None,
-         kernel_init: Initializer = kaiming_normal_fan_out) -> nn.Conv:
-    """A torch-like Conv2d: symmetric padding (kernel - 1) // 2, HWIO float32 kernel.
+         kernel_init: Initializer = kaiming_normal_fan_out,
+         padding: Sequence[tuple[int, int]] | None = None) -> nn.Conv:
+    """A torch-like Conv2d: symmetric padding (kernel - 1) // 2 (or ``padding``, ((top, bottom),
+    (left, right))), HWIO float32 kernel.
 
     On CPU the convolution goes through ``cpu_conv.conv_general_dilated``, which avoids
     XLA:CPU's slow paths (feature maps smaller than the kernel; 1x1 weight-gradients) with
     the same results; on GPU/TPU it is XLA's convolution.
     """
     p = (kernel - 1) // 2
+    pads = ((p, p), (p, p)) if padding is None else tuple(tuple(x) for x in padding)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((p, p), (p, p)), feature_group_count=groups, use_bias=use_bias,
+                   padding=pads, feature_group_count=groups, use_bias=use_bias,
                    dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
                    bias_init=nn.initializers.zeros, name=name,
                    conv_general_dilated=cpu_conv.conv_general_dilated)
@@ -163,12 +175,16 @@ class ConvBNAct(nn.Module):
     bn_momentum: float = 0.1
     bn_epsilon: float = 1e-5
     bn_scale_init: Initializer = nn.initializers.ones
+    tf_same: bool = False  # TensorFlow 'SAME' padding (EfficientNet-PyTorch) instead of torch's.
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        padding = None
+        if self.tf_same:
+            padding = [tf_same_padding(n, self.kernel, self.stride) for n in x.shape[1:3]]
         x = conv(self.features, self.kernel, self.stride, groups=self.groups, dtype=self.dtype,
-                 name="conv")(x)
+                 name="conv", padding=padding)(x)
         x = BatchNorm(use_running_average=not train, groups=self.bn_groups,
                       momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
                       scale_init=self.bn_scale_init, name="bn")(x)
@@ -181,15 +197,17 @@ class SqueezeExcitation(nn.Module):
     squeeze_channels: int
     act: Callable[[jax.Array], jax.Array] = nn.relu
     gate: Callable[[jax.Array], jax.Array] = nn.sigmoid
+    kernel_init: Initializer = kaiming_normal_fan_out
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
-        s = conv(self.squeeze_channels, 1, use_bias=True, dtype=self.dtype, name="fc1")(s)
+        s = conv(self.squeeze_channels, 1, use_bias=True, dtype=self.dtype, name="fc1",
+                 kernel_init=self.kernel_init)(s)
         s = self.act(s)
-        s = conv(c, 1, use_bias=True, dtype=self.dtype, name="fc2")(s)
+        s = conv(c, 1, use_bias=True, dtype=self.dtype, name="fc2", kernel_init=self.kernel_init)(s)
         return x * self.gate(s).astype(x.dtype)
 
 

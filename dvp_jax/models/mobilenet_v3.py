@@ -1,4 +1,4 @@
-"""MobileNetV3-Large with torchvision's definition (a SEED student).
+"""MobileNetV3-Large (a SEED student): torchvision's definition, or SEED's own (``variant``).
 
 torchvision: ``features`` (stem, 15 inverted-residual blocks, 1x1 conv to 960) -> avg-pool ->
 ``classifier`` = Linear(960, 1280) -> Hardswish -> Dropout(0.2) -> Linear(1280, classes).
@@ -8,6 +8,14 @@ Here the Linear(960, 1280) + Hardswish belongs to the BACKBONE (module 'classifi
 and every architecture's classifier is a single linear layer on 'pooled'.
 
 BatchNorm: torchvision's eps 1e-3 and momentum 0.01 (torch convention).
+
+``variant='seed'``: the definition SEED trains (jacobswan1/SEED's mobilenetv3.py): the same
+blocks and parameter tree (so the same parameter count at width <= 1), but in the expanded
+blocks the squeeze-excitation comes BEFORE the depthwise activation (expand -> depthwise conv
+-> BN -> SE -> act -> project; torchvision: ... BN -> act -> SE), BatchNorm eps 1e-5 and
+momentum 0.1 (torch defaults), SE layers initialised N(0, 0.01) with bias 0 (its SE uses
+Linear layers), the 1280-d layer kept at 1280 for widths <= 1, and Dropout(0.2) on 'pooled'
+in training (before the head; needs a 'dropout' rng).
 
 Parameter tree under ``params['backbone']``::
 
@@ -32,11 +40,16 @@ import jax
 import jax.numpy as jnp
 
 from dvp_jax.models.layers import (ConvBNAct, SqueezeExcitation, global_avg_pool, hard_sigmoid,
+                                   kaiming_normal_fan_out,
                                    hard_swish, make_divisible)
 
 Dtype = Any
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
+VARIANTS = ("torchvision", "seed")
+# variant -> (BN epsilon, BN momentum in torch's convention).
+BN_SETTINGS = {"torchvision": (BN_EPS, BN_MOMENTUM), "seed": (1e-5, 0.1)}
+SEED_DROPOUT = 0.2
 
 # (input, kernel, expanded, out, use_se, activation, stride): torchvision's bneck_conf.
 LARGE = (
@@ -71,22 +84,32 @@ class InvertedResidual(nn.Module):
     stride: int
     bn_groups: int = 1
     zero_init_residual: bool = False
+    variant: str = "torchvision"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         act = hard_swish if self.use_hs else nn.relu
-        kw = dict(bn_groups=self.bn_groups, bn_momentum=BN_MOMENTUM, bn_epsilon=BN_EPS,
+        eps, momentum = BN_SETTINGS[self.variant]
+        kw = dict(bn_groups=self.bn_groups, bn_momentum=momentum, bn_epsilon=eps,
                   dtype=self.dtype)
         use_res = self.stride == 1 and self.input_channels == self.out_channels
+        expands = self.expanded != self.input_channels
+        # SEED's expanded blocks: depthwise conv -> BN -> SE -> act (torchvision: act -> SE).
+        se_first = self.variant == "seed" and expands and self.use_se
+        se_init = (nn.initializers.normal(0.01) if self.variant == "seed"
+                   else kaiming_normal_fan_out)
         y = x
-        if self.expanded != self.input_channels:
+        if expands:
             y = ConvBNAct(self.expanded, 1, act=act, name="expand", **kw)(y, train)
-        y = ConvBNAct(self.expanded, self.kernel, self.stride, groups=self.expanded, act=act,
-                      name="depthwise", **kw)(y, train)
+        y = ConvBNAct(self.expanded, self.kernel, self.stride, groups=self.expanded,
+                      act=None if se_first else act, name="depthwise", **kw)(y, train)
         if self.use_se:
             y = SqueezeExcitation(make_divisible(self.expanded // 4, 8), act=nn.relu,
-                                  gate=hard_sigmoid, dtype=self.dtype, name="se")(y)
+                                  gate=hard_sigmoid, kernel_init=se_init, dtype=self.dtype,
+                                  name="se")(y)
+        if se_first:
+            y = act(y)
         zero = self.zero_init_residual and use_res
         y = ConvBNAct(self.out_channels, 1, act=None, name="project",
                       bn_scale_init=nn.initializers.zeros if zero else nn.initializers.ones,
@@ -104,31 +127,40 @@ class MobileNetV3Large(nn.Module):
     small_stem: bool = False
     bn_groups: int = 1
     zero_init_residual: bool = False
+    variant: str = "torchvision"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"model.variant={self.variant!r}; allowed: {', '.join(VARIANTS)}.")
         w = self.width_multiplier
         adj = lambda c: make_divisible(c * w, 8)
+        eps, momentum = BN_SETTINGS[self.variant]
         kw = dict(bn_groups=self.bn_groups, dtype=self.dtype)
         x = x.astype(self.dtype)
         x = ConvBNAct(adj(LARGE[0][0]), 3, 1 if self.small_stem else 2, act=hard_swish,
-                      bn_momentum=BN_MOMENTUM, bn_epsilon=BN_EPS, name="features_0", **kw)(x, train)
+                      bn_momentum=momentum, bn_epsilon=eps, name="features_0", **kw)(x, train)
         out: dict[str, jax.Array] = {}
         for i, (cin, k, cexp, cout, se, act, s) in enumerate(LARGE, start=1):
             x = InvertedResidual(adj(cin), k, adj(cexp), adj(cout), se, act == "HS", s,
                                  zero_init_residual=self.zero_init_residual,
-                                 name=f"features_{i}", **kw)(x, train)
+                                 variant=self.variant, name=f"features_{i}", **kw)(x, train)
             if i in STAGE_BLOCKS:
                 out[f"stage{STAGE_BLOCKS.index(i) + 1}"] = x
         last_in = adj(LARGE[-1][3])
-        x = ConvBNAct(6 * last_in, 1, act=hard_swish, bn_momentum=BN_MOMENTUM, bn_epsilon=BN_EPS,
+        x = ConvBNAct(6 * last_in, 1, act=hard_swish, bn_momentum=momentum, bn_epsilon=eps,
                       name=f"features_{len(LARGE) + 1}", **kw)(x, train)
         x = global_avg_pool(x).astype(self.dtype)
-        x = nn.Dense(adj(LAST_CHANNEL), dtype=self.dtype, param_dtype=jnp.float32,
+        seed = self.variant == "seed"
+        last = LAST_CHANNEL if seed and w <= 1.0 else adj(LAST_CHANNEL)
+        x = nn.Dense(last, dtype=self.dtype, param_dtype=jnp.float32,
                      kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros,
                      name="classifier_0")(x)
-        out["pooled"] = hard_swish(x).astype(jnp.float32)
+        x = hard_swish(x)
+        if seed:
+            x = nn.Dropout(SEED_DROPOUT, deterministic=not train)(x)
+        out["pooled"] = x.astype(jnp.float32)
         return out
 
 

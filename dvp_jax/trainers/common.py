@@ -16,6 +16,9 @@ def model_kwargs(model_config, **extra) -> dict:
                   width_multiplier=float(model_config.width_multiplier),
                   dtype=str(model_config.dtype),
                   zero_init_residual=bool(model_config.zero_init_residual))
+    variant = str(model_config.get("variant", "torchvision"))
+    if variant != "torchvision":  # Absent = 'torchvision' (checkpoints written before it existed).
+        kwargs["variant"] = variant
     kwargs.update(extra)
     return kwargs
 

@@ -95,8 +95,11 @@ def make_train_step(student, teacher, tx: optax.GradientTransformation, seed_con
         queue = state["queue"]
 
         def loss_fn(params):
+            # SEED's own students (model.variant='seed') use dropout: one key per step.
+            dropout_key = jax.random.fold_in(state["rng"], state["step"])
             out, new_vars = student.apply({"params": params, "batch_stats": state["batch_stats"]},
-                                          images, train=True, mutable=["batch_stats"])
+                                          images, train=True, mutable=["batch_stats"],
+                                          rngs={"dropout": dropout_key})
             s = objectives.l2_normalize(out["projection"])
             loss = objectives.seed_loss(s, t, queue, student_temperature=tau_s,
                                         teacher_temperature=tau_t)
