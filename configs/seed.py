@@ -21,8 +21,11 @@ classify presets must describe the same student: pass the preset's --config.mode
         --workdir=runs/seed_digits_finetune --config.model.width_multiplier=0.125 \
         --config.classify.init_checkpoint=runs/seed_digits/checkpoints
 
-Measured (digits, 2 CPU cores, ~2.5 min): student k-NN 61.4 vs teacher 57.6 (the default
-configs/moco.py:digits teacher); linear readout of the student 65.6 vs 60.2 for the teacher.
+Measured (digits, 2 CPU cores, ~2.5 min; with the earlier per-step cosine schedule warming up
+from 0, not yet re-measured with SEED's per-epoch schedule): student k-NN 61.4 vs teacher 57.6
+(the default configs/moco.py:digits teacher); linear readout of the student 65.6 vs 60.2 for
+the teacher. A MobileNetV3 / EfficientNet student is read out with the same
+--config.model.variant=seed as its SEED run (the readout refuses a mismatch).
 
 Presets (after the colon):
   digits    (default) the embedded digits at 16 px; student ResNet-18 at width 0.125 with the
@@ -33,7 +36,7 @@ Presets (after the colon):
   imagenet  the SEED paper's run: ResNet-50 MoCo-v2 teacher -> ResNet-18 student, ImageNet
             (tfds:imagenet2012), 224 px, batch 256, K = 65536, 200 epochs; k-NN at the end only.
 
-Method (../shared/METHOD.md, SEED): the teacher (backbone + MLP head, BN in inference mode,
+Method (docs/METHOD.md, SEED): the teacher (backbone + MLP head, BN in inference mode,
 never updated) and the student see the SAME augmented view; t = normalise(teacher
 projection), s = normalise(student projection); a queue of K teacher embeddings;
 loss = CE(softmax([t.t, t.queue] / tau_T), softmax([s.t, s.queue] / tau_S)); then t is enqueued.
@@ -47,8 +50,14 @@ Paper vs released code (jacobswan1/SEED):
       input pipeline's 'moco_v2' transform is used and only its 'view1' is fed (view2 is
       ignored: the host makes it for nothing; its cost is small next to the two forward
       passes). 'train_crop_flip' uses the classification crop+flip ('image').
-  warm-up: 5 epochs, linear from 0 (dvp_jax.optim); the code warms up from lr_base to
-      lr_base * batch/256 per epoch. BN of the student: one group over the global batch
+  schedule: optim.schedule='seed_epoch_cosine', the code's: the lr is set once per epoch;
+      for epochs e < 5 it goes linearly from base_lr to base_lr * batch / 256 (constant at
+      batch 256; DOWNWARDS below it), then base_lr * batch / 256 * (1 + cos(pi e / 200)) / 2,
+      a cosine over all the epochs, warm-up included. ('cosine' with warmup_epochs = 5 is the
+      per-step variant warming up from 0.)
+  students: model.variant='seed' builds SEED's own MobileNetV3-Large / EfficientNet-B0
+      (dvp_jax/models/); 'torchvision' gives torchvision's. ResNets are the same in both.
+  BN of the student: one group over the global batch
       (bn_groups = 1; no positive pair inside the batch, so no shuffle BN is needed); 0 = one
       group per data shard, as the code's per-GPU BN.
 """
@@ -85,8 +94,10 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     config.seed_distill = seed_section()
     config.knn = knn_section()
     config.optim = config_base.optim_config(base_lr=0.03, weight_decay=1e-4)
+    config.optim.schedule = "seed_epoch_cosine"  # SEED's adjust_learning_rate (per epoch).
     config.optim.warmup_epochs = 5.0
     config.num_epochs = 200.0
+    config.model.variant = "seed"  # SEED's MobileNetV3 / EfficientNet-B0 (ResNets: no change).
     preset = arg or "digits"
     if preset == "digits":
         config_base.digits_data_and_model(config)

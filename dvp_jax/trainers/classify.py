@@ -353,7 +353,14 @@ def load_init(config, what: str = "config.classify.init_checkpoint") -> pretrain
 
 def check_backbone(model, config, source: pretrained.Pretrained, what: str) -> None:
     """Refuses (before any jit) a checkpoint whose backbone does not fit the configured model;
-    the message names both models and the first differing parameter's two shapes."""
+    the message names both models and the first differing parameter's two shapes. SEED's and
+    torchvision's MobileNetV3 / EfficientNet have the same shapes: their variants must match."""
+    saved = source.model_kwargs.get("variant", "torchvision")
+    wanted = config.model.get("variant", "torchvision")
+    if saved != wanted and not str(config.model.name).startswith(("resnet", "resnext", "wide_")):
+        raise ValueError(f"{what}: checkpoint {source.directory!r} holds a {saved!r} "
+                         f"{config.model.name}; the config asks for {wanted!r}. Pass "
+                         f"--config.model.variant={saved}.")
     shapes = jax.eval_shape(lambda r: model.init(r, common.dummy_images(config), train=False),
                             jax.random.PRNGKey(0))
     try:
