@@ -23,7 +23,7 @@ Presets (after the colon); each sets config.trainer:
             backbone). The full tricks stack (label smoothing, AutoAugment, train+val) is
             configs/distill.py:vipriors_tricks.
 
-Recipes (METHOD.md):
+Recipes (docs/METHOD.md):
   supervised / finetune: SGD Nesterov, lr 0.1 per 256 images, momentum 0.9, wd 1e-4, x0.1 at
       epochs 30/60/90 of 100, RandomResizedCrop(0.08..1) + flip (+ input.auto_augment /
       input.cutout), CE with optional label smoothing (classify.label_smoothing).

@@ -35,7 +35,7 @@ Paper text vs released code (distill.kind):
         released code, which counts epochs from 1: OFD on after 4 epochs, x0.1 after 29/59/89.
 Schedules: the presets set optim.decay_epochs from num_epochs (30/60/90% or 60/80%); when
 overriding --config.num_epochs, override --config.optim.decay_epochs to match.
-Teacher BN: 'eval' (default; METHOD.md: the teacher is frozen in inference mode) or 'train'
+Teacher BN: 'eval' (default; docs/METHOD.md: the teacher is frozen in inference mode) or 'train'
 (the reference code's bug: the teacher normalises with the statistics of each batch; its running
 statistics are not saved back). Student init: 'teacher' (the paper: Phase-1 weights, head dropped,
 a new classifier) or 'random'.

@@ -1,4 +1,4 @@
-"""Losses of the method, as pure functions of arrays (see ../shared/METHOD.md).
+"""Losses of the method, as pure functions of arrays (see docs/METHOD.md).
 
 Shapes: B = batch, D = embedding dim (128), K = queue length, C = channels.
 All losses are computed in float32 whatever the compute dtype of the model.

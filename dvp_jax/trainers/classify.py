@@ -1,4 +1,4 @@
-"""Classification trainers: 'supervised', 'linear', 'finetune' (config.trainer). See ../shared/METHOD.md.
+"""Classification trainers: 'supervised', 'linear', 'finetune' (config.trainer). See docs/METHOD.md.
 
   supervised  random init; Phase 2's recipe without a teacher (SGD Nesterov, lr 0.1 per 256,
               wd 1e-4, 100 epochs, x0.1 at 30/60/90, RandomResizedCrop(0.08..1) + flip, CE).

@@ -1,4 +1,4 @@
-"""Phase 2: self-distillation while finetuning (trainer 'distill'). See ../shared/METHOD.md.
+"""Phase 2: self-distillation while finetuning (trainer 'distill'). See docs/METHOD.md.
 
 The student (same architecture as the teacher, initialised from the Phase-1 checkpoint or at
 random, with a new classifier) minimises

@@ -1,4 +1,4 @@
-"""Phase 1: MoCo v2 with a margin (the teacher). Formulas: ../shared/METHOD.md.
+"""Phase 1: MoCo v2 with a margin (the teacher). Formulas: docs/METHOD.md.
 
 State (a plain dict pytree, replicated over the mesh):
     step        int32 []          steps taken

@@ -1,6 +1,6 @@
 """SEED: self-supervised distillation into a smaller student (Fang et al., ICLR 2021).
 
-Formulas and defaults: ../shared/METHOD.md (SEED); presets and paper-vs-code notes:
+Formulas and defaults: docs/METHOD.md (SEED); presets and paper-vs-code notes:
 configs/seed.py.
 
 State (a plain dict pytree, replicated over the mesh):
