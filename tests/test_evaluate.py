@@ -268,6 +268,10 @@ def _cli(*args):
 
 def test_cli_writes_json_and_matches(ckpts, tmp_path):
     out = tmp_path / "res.json"
+    best = {"top1": 61.5, "top5": 90.0, "step": 5, "epoch": 2.5, "split": "val",
+            "label": "best val epoch (reference protocol)"}  # As the trainers write it.
+    with open(os.path.join(os.path.dirname(ckpts["a"]), "best_val.json"), "w") as f:
+        json.dump(best, f)
     r = _cli(f"--checkpoint={os.path.dirname(ckpts['a'])}", "--split=val", f"--out={out}")
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(out.read_text())
@@ -276,6 +280,9 @@ def test_cli_writes_json_and_matches(ckpts, tmp_path):
     assert got["top1"] == pytest.approx(ref["top1"]) and got["top5"] == pytest.approx(ref["top5"])
     assert got["num_examples"] == NUM_EXAMPLES and got["checkpoints"] == [ckpts["a"]]
     assert "top1" in r.stdout
+    assert got["best_val_epoch"] == best  # Reported beside this (final) checkpoint's accuracy.
+    assert "final (this checkpoint) top1" in r.stdout
+    assert "best val epoch (reference protocol): top1 61.50 at epoch 2.5" in r.stdout
 
 
 def test_cli_converted_needs_source_then_works(ckpts):
