@@ -32,7 +32,12 @@ Recipes (docs/METHOD.md):
 Schedules: the presets set optim.decay_epochs from num_epochs (30/60/90% or 60/80%); when
 overriding --config.num_epochs, override --config.optim.decay_epochs to match.
 Evaluation: top-1/top-5 on input.eval_split (resize to size/0.875, centre crop) every
-loop.eval_every_epochs and at the end, written to WORKDIR/eval_<split>.json.
+loop.eval_every_epochs and at the end, written to WORKDIR/eval_<split>.json (the "final"
+accuracy); the best evaluation so far goes to WORKDIR/best_<split>.json ("best val epoch
+(reference protocol)", what the reference code reports; it evaluates every epoch).
+Options of the reference's Phase-2 script: classify.mixup_alpha (its --mixup: 1.0),
+input.cutout (its --cutout: image_size // 4), input.auto_augment='cifar10_released' (its
+--autoaug).
 """
 import ml_collections
 

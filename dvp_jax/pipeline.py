@@ -88,7 +88,7 @@ def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
     # 'accuracy' is the final epoch's; 'best_val_epoch' the reference code's protocol (the
     # best of the periodic evaluations on input.eval_split; None for the k-NN of Phase 1).
     from dvp_jax.trainers import classify
-    record = {"stage": stage, "seed": seed, "accuracy": accuracies,
+    record = {"stage": stage, "seed": seed, "accuracy": accuracies, "accuracy_label": "final",
               "best_val_epoch": classify.read_best(stage_dir, c.input.eval_split),
               "pretrain_epochs": config.stages.moco.num_epochs if uses_phase1 else 0,
               "train_epochs": 0 if stage == "moco" else c.num_epochs,
