@@ -122,7 +122,9 @@ def test_ofd_margins_connectors_warmup_and_train_mode_teacher(teacher_dir):
     mesh = sharding.make_mesh()
     config = tiny(teacher_dir)
     distill_config.use_ofd(config)
-    config.distill.start_epochs = 0.25  # 1 step (4 steps per epoch): the term is 0 at step 0.
+    # Counted from 1 as the released code (use_ofd): epoch 1.25 = after 0.25 epochs = 1 step
+    # (4 steps per epoch): the term is 0 at step 0.
+    config.distill.start_epochs = 1.25
     # The reference code's teacher BN in train mode: batch statistics, running stats discarded
     # (the teacher must stay bitwise unchanged all the same).
     config.distill.teacher_bn = "train"
