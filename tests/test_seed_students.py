@@ -114,3 +114,16 @@ def test_seed_students_drop_out_pooled_in_training_only(name):
     assert dropouts("seed", True) == ([(0.2, False, (2, width))], (2, width))
     assert dropouts("seed", False)[0] == [(0.2, True, (2, width))]
     assert dropouts("torchvision", True)[0] == []
+
+
+def test_readout_refuses_a_student_of_the_other_variant():
+    """Both variants have the same shapes, so only the recorded variant tells them apart."""
+    import types
+    from configs import classify as classify_configs
+    from dvp_jax.trainers import classify
+    config = classify_configs.get_config("linear_runlocal")
+    config.model.name = "mobilenet_v3_large"
+    source = types.SimpleNamespace(model_kwargs={"name": "mobilenet_v3_large", "variant": "seed"},
+                                   directory="runs/seed_mbv3/checkpoints")
+    with pytest.raises(ValueError, match="--config.model.variant=seed"):
+        classify.check_backbone(None, config, source, "config.classify.init_checkpoint")
