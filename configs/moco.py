@@ -49,6 +49,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         config.knn.k = 10
     elif preset == "vipriors":
         config.input.source = "folder:data/vipriors"
+        config.input.augment_on = "device"  # Two 224 px views per image, made on the GPUs.
         config.model.dtype = "bfloat16"  # Accelerator runs: bf16 compute, fp32 params/BN/losses.
         config.input.image_size = 224
         config.model.name = "resnet50"

@@ -11,6 +11,8 @@ resume exactly. Outputs are float32, NHWC, values ``(x / 255 - input.mean) / inp
   'eval_center'     -> {'image': [S, S, 3]}  resize shorter side to round(S / crop_ratio),
                        centre crop S.
   'ten_crop'        -> {'image': [10, S, S, 3]}  same resize, torchvision TenCrop.
+  'stored_uint8'    -> {'image': uint8 [R, R, 3]}  the host half of input.augment_on='device':
+                       the shorter side resized to R = round(S / crop_ratio), the centre R x R.
 
 To add a transform: write ``def my_transform(input_config, image_size) -> f(image, seed)`` and
 register it in TRANSFORMS.
@@ -359,6 +361,20 @@ def ten_crop(input_config, image_size: int) -> Transform:
     return transform
 
 
+def stored_uint8(input_config, image_size: int) -> Transform:
+    size = resize_size(image_size, input_config)
+
+    def transform(image, seed):
+        del seed
+        x = resize_shorter_side(image, size)
+        shape = tf.shape(x)
+        top, left = center_crop_box(shape[0], shape[1], size)
+        x = tf.round(tf.clip_by_value(x[top:top + size, left:left + size], 0.0, 255.0))
+        return {"image": tf.reshape(tf.cast(x, tf.uint8), [size, size, 3])}
+
+    return transform
+
+
 # ----------------------------------------------------------------------------------------------
 
 TRANSFORMS: dict[str, Callable[..., Transform]] = {
@@ -366,6 +382,7 @@ TRANSFORMS: dict[str, Callable[..., Transform]] = {
     "train_crop_flip": train_crop_flip,
     "eval_center": eval_center,
     "ten_crop": ten_crop,
+    "stored_uint8": stored_uint8,
 }
 
 
