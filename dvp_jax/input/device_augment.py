@@ -164,9 +164,9 @@ def color_jitter(x: jax.Array, p: dict) -> jax.Array:
                            0.0, 1.0),
         lambda y: adjust_hue(y, p["hue"]),
     ]
-    for k in range(4):
-        x = jax.lax.switch(p["jitter_order"][k], ops, x)
-    return x
+    # One loop body holding the 4 ops (not 4 unrolled copies): a quarter of the compile time.
+    order = jnp.asarray(p["jitter_order"])
+    return jax.lax.fori_loop(0, 4, lambda k, y: jax.lax.switch(order[k], ops, y), x)
 
 
 def blur_half_width(image_size: int, sigma_max: float = BLUR_SIGMA[1]) -> int:
@@ -252,10 +252,10 @@ def cutout(x: jax.Array, key, size: int) -> jax.Array:
 def example_fn(transform: str, input_config, image_size: int) -> Callable[[jax.Array, jax.Array], dict]:
     """(uint8 [R, R, 3], key) -> dict of float32 outputs of ``transform`` (module docstring)."""
     if transform == "moco_v2":
-        def moco(image, key):
-            k1, k2 = jax.random.split(key)
-            kw = dict(image_size=image_size, input_config=input_config)
-            return {"view1": moco_view(image, k1, **kw), "view2": moco_view(image, k2, **kw)}
+        def moco(image, key):  # Both views from one traced view function (half the compile).
+            views = jax.vmap(lambda k: moco_view(image, k, image_size=image_size,
+                                                 input_config=input_config))(jax.random.split(key))
+            return {"view1": views[0], "view2": views[1]}
         return moco
     if transform == "train_crop_flip":
         cutout_size = int(input_config.get("cutout", 0) or 0)
