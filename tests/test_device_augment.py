@@ -195,6 +195,19 @@ def test_device_mode_batches_resume_exactly_and_split_over_processes():
         assert np.array_equal(views["view1"], expected["view1"])
 
 
+def test_stored_uint8_keeps_the_centre_square():
+    c = _config()  # Stored side round(8 / 0.8) = 10.
+    stored = augment.get_transform("stored_uint8", c, image_size=8)
+    wide = np.zeros((30, 50, 3), np.uint8)
+    wide[:, :10] = wide[:, 40:] = 255  # Outside the centre 30 x 30 square.
+    wide[:, 10:40, 1] = 90
+    out = stored(tf.constant(wide), tf.constant([0, 0]))["image"].numpy()
+    assert out.shape == (10, 10, 3) and out.dtype == np.uint8
+    assert (out[..., 0] == 0).all() and (out[..., 1] == 90).all()
+    small = stored(tf.constant(_image(6, 7)), tf.constant([0, 0]))["image"].numpy()
+    assert small.shape == (10, 10, 3) and small.std() > 10  # Enlarged (bilinear), not flat.
+
+
 def test_host_mode_and_eval_are_unchanged():
     c = _config(augment_on="host")
     batch = next(pipeline.make_train_iterator(c, "train", "moco_v2", global_batch=8, seed=0,

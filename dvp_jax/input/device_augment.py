@@ -1,8 +1,8 @@
 """Training augmentations on the accelerator (``input.augment_on='device'``), in jax.numpy.
 
 With ``input.augment_on='device'`` the host only decodes each image and resizes it once to a
-fixed ``R x R`` uint8 image (shorter side to ``R = round(image_size / input.crop_ratio)``, e.g.
-224 -> 256, then the centre ``R x R``); the train batches carry that image plus the example's
+fixed ``R x R`` uint8 image (its centre square, resized to ``R = round(image_size /
+input.crop_ratio)``, e.g. 224 -> 256: augment.py's 'stored_uint8'); the train batches carry that image plus the example's
 'epoch' and 'index'. ``wrap_step`` puts ``augment_batch`` in front of the train step, inside its
 jit: every device turns its own shard of uint8 images into float32 views (``shard_map`` over the
 mesh's 'data' axis: nothing is gathered), with the same distributions as ``augment.py`` (the
