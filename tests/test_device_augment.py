@@ -1,6 +1,8 @@
 """input.augment_on='device': the jax views have the host path's distributions and pieces,
 are the same on 1 and 4 devices, and resume exactly."""
 import functools
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -221,3 +223,10 @@ def test_bad_modes_are_config_errors():
         device_augment.augment_on(_config(augment_on="gpu"))
     with pytest.raises(config_checks.ConfigError, match="auto_augment"):
         device_augment.augment_on(_config(auto_augment="imagenet"))
+
+
+def test_imports_without_tensorflow():
+    code = ("import sys; sys.modules['tensorflow'] = None\n"
+            "from dvp_jax.input import device_augment\n"
+            "assert 'tensorflow' not in {m.split('.')[0] for m in sys.modules if sys.modules[m]}")
+    subprocess.run([sys.executable, "-c", code], check=True)
