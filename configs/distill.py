@@ -124,5 +124,6 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
             config.input.eval_split = "test"
             config.classify.label_smoothing = 0.1
             config.input.auto_augment = "cifar10_released"
+            config.input.augment_on = "host"  # AutoAugment runs in tf.data only.
     config.optim.decay_epochs = tuple(f * config.num_epochs for f in (0.3, 0.6, 0.9))
     return config

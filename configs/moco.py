@@ -8,7 +8,8 @@ Presets (after the colon):
             val); minutes on a laptop CPU.
   runlocal  a smoke test: a few steps on tiny synthetic images.
   vipriors  the paper's run: ResNet-50, 224 px, K = 4096, T = 0.2, margin 0.4, batch 256,
-            800 epochs, on the VIPriors folder (override --config.input.source=folder:PATH).
+            800 epochs, on the VIPriors folder (override --config.input.source=folder:PATH);
+            the views are made on the accelerators (input.augment_on='device').
 
 Paper vs MoCo: K = 4096 is the paper's queue (MoCo's default is 65536); margin 0.4 is the
 released code's default (margin 0 is plain MoCo v2). Shuffle BN: 'split' (default; the key
@@ -49,6 +50,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         config.knn.k = 10
     elif preset == "vipriors":
         config.input.source = "folder:data/vipriors"
+        config.input.augment_on = "device"  # Two 224 px views per image, made on the GPUs.
         config.model.dtype = "bfloat16"  # Accelerator runs: bf16 compute, fp32 params/BN/losses.
         config.input.image_size = 224
         config.model.name = "resnet50"

@@ -3,6 +3,7 @@ r"""Throughput and memory of the train steps (and of the input pipeline).
     python -m dvp_jax.benchmark moco supervised distill --model resnet18 --res 64 --batch 64
     python -m dvp_jax.benchmark moco supervised --model resnet50 --res 224 --batch 256 --dtype bf16
     python -m dvp_jax.benchmark input --res 224 --batch 64
+    python -m dvp_jax.benchmark train --model resnet50 --res 224 --batch 256 --dtype bf16 --input device
 
 Each kind prints one JSON line: img/s (median over ``--repeats`` timed runs of ``--steps``
 steps each), step time, compile time, parameter count, FLOPs per image (XLA's cost analysis
@@ -12,6 +13,12 @@ MoCo / supervised img/s ratio (ideal 3/4: the key encoder adds one forward to a 
 backward). Batches are synthetic and device-resident, so the train-step kinds import no
 TensorFlow; the steps are the trainers' own step functions, jitted with the state donated
 and the batch sharded over every device, exactly as in training.
+
+'input' prints one line per input.augment_on mode ('host': tf.data makes the float32 views;
+'device': the host only decodes to uint8, the views are made on the devices): host img/s of
+each, and the device mode's 'device_augment_ms_per_batch'. 'train' feeds the --step kind's
+step from the real pipeline (JPEG folder) in mode --input: end-to-end img/s next to the step
+alone ('input_bound': true where the input slows the step by over 10%).
 """
 from __future__ import annotations
 
@@ -218,20 +225,130 @@ def bench_step(kind: str, args, mesh, counter: CompileCounter) -> dict:
     }
 
 
-def bench_input(args) -> dict:
-    """The tf.data pipeline's img/s (two-view MoCo augmentation by default) on host CPUs."""
+def bench_input(args) -> list[dict]:
+    """The tf.data pipeline's img/s on host CPUs in both input.augment_on modes (two-view
+    MoCo augmentation by default); see ``input_mode_records``."""
+    return input_mode_records(args, _jpeg_input_config(args))
+
+
+def _jpeg_input_config(args) -> ml_collections.ConfigDict:
+    """An input config reading a folder of JPEGs (--jpeg_dir, or random ones made for the run)."""
     import tempfile
 
     from dvp_jax.input import throughput
     folder = args.jpeg_dir or tempfile.mkdtemp(prefix="dvp_jpegs_")
     throughput.make_jpegs(folder, num_images=args.num_jpegs)
-    config = config_base.input_config(source=f"folder:{folder}", image_size=args.res)
-    runs = [throughput.measure(config, "train", args.transform, args.batch, args.res,
-                               args.input_batches) for _ in range(args.repeats)]
-    rates = [r["images_per_s"] for r in runs]
-    return {"kind": "input", "transform": args.transform, "res": args.res, "batch": args.batch,
-            "images_per_s": statistics.median(rates), "images_per_s_runs": rates,
-            "source": "folder of random JPEGs 256-400 px", "host_cpus": _cpu_count()}
+    return config_base.input_config(source=f"folder:{folder}", image_size=args.res)
+
+
+def input_mode_records(args, config) -> list[dict]:
+    """One record per input.augment_on mode: 'images_per_s' = examples per second the host
+    delivers of what that mode needs from it ('host': the finished float32 views; 'device':
+    the decoded uint8 squares), median of --repeats runs, the modes interleaved so that both
+    see the same machine load. The 'device' record adds 'device_augment_ms_per_batch': the
+    jitted augmentation of one global batch on this process's devices (median)."""
+    from dvp_jax.input import throughput
+    rates = {mode: [] for mode in ("host", "device")}
+    for _ in range(args.repeats):
+        for mode in rates:
+            mode_config = ml_collections.ConfigDict(config.to_dict())
+            mode_config.augment_on = mode
+            rates[mode].append(throughput.measure(mode_config, "train", args.transform,
+                                                  args.batch, args.res,
+                                                  args.input_batches)["images_per_s"])
+    records = []
+    for mode, runs in rates.items():
+        records.append({"kind": "input", "mode": mode, "transform": args.transform,
+                        "res": args.res, "batch": args.batch,
+                        "images_per_s": statistics.median(runs), "images_per_s_runs": runs,
+                        "source": "folder of JPEGs", "host_cpus": _cpu_count()})
+    device = records[1]
+    device["speedup_over_host"] = device["images_per_s"] / records[0]["images_per_s"]
+    device["device_augment_ms_per_batch"] = device_augment_ms(args, config)
+    device["device_kind"] = jax.devices()[0].device_kind
+    device["device_count"] = jax.local_device_count()
+    return records
+
+
+def device_augment_ms(args, config) -> float:
+    """Median milliseconds of the jitted device augmentation of one uint8 batch (--batch
+    examples of the stored size) on this process's devices."""
+    from dvp_jax.input import augment, device_augment
+    mesh = sharding.make_mesh(jax.local_devices())
+    fn = jax.jit(device_augment.sharded_augment(
+        mesh, transform=args.transform, input_config=config, image_size=args.res, seed=0))
+    size = augment.resize_size(args.res, config)
+    rng = np.random.default_rng(0)
+    batch = sharding.to_global({
+        "image": rng.integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8),
+        "epoch": np.zeros(args.batch, np.int32),
+        "index": np.arange(args.batch, dtype=np.int32)}, mesh)
+    jax.block_until_ready(fn(batch))  # Compile and warm up.
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(batch))
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+# Train-step kind -> the transform its batches use ('train' kind, --step).
+TRAIN_TRANSFORMS = {"moco": "moco_v2", "supervised": "train_crop_flip"}
+
+
+def bench_train(args, mesh, counter: CompileCounter) -> dict:
+    """End to end: the --step kind's train step fed by the real input pipeline (folder of
+    JPEGs) in mode --input, img/s over --repeats runs of --steps steps after a warm-up; and
+    the same step alone on one fixed device batch ('step_only_images_per_s'). The input is
+    the bottleneck where images_per_s is clearly below step_only_images_per_s."""
+    from dvp_jax.input import device_augment, pipeline
+    init_state, train_step, _ = STEP_KINDS[args.step](args, mesh)
+    transform = TRAIN_TRANSFORMS[args.step]
+    config = ml_collections.ConfigDict({"input": _jpeg_input_config(args), "seed": 0})
+    config.input.augment_on = args.input
+    rep = sharding.replicated(mesh)
+    step = jax.jit(device_augment.wrap_step(train_step, config, mesh, transform),
+                   donate_argnums=0, in_shardings=(rep, sharding.batch_sharded(mesh)),
+                   out_shardings=(rep, rep))
+    host_batches = pipeline.make_train_iterator(
+        config.input, "train", transform, global_batch=args.batch, seed=0, image_size=args.res)
+    keep = (device_augment.DEVICE_INPUT_KEYS + ("label",) if args.input == "device"
+            else ("view1", "view2") if transform == "moco_v2" else ("image", "label"))
+    batches = loop.prefetch_to_mesh(({k: b[k] for k in keep} for b in host_batches), mesh,
+                                    size=2)
+    state = loop.init_on_mesh(init_state, mesh, seed=0)
+    t0 = time.perf_counter()
+    first = next(batches)
+    state, metrics = step(state, first)  # Compile + warm-up.
+    jax.block_until_ready(metrics)
+    warmup_s = time.perf_counter() - t0
+    compiles_before = counter.count
+
+    def timed(next_batch) -> list[float]:
+        nonlocal state, metrics
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                state, metrics = step(state, next_batch())
+            jax.block_until_ready(metrics)
+            times.append((time.perf_counter() - t0) / args.steps)
+        return times
+
+    end_to_end = timed(lambda: next(batches))
+    step_only = timed(lambda: first)
+    if counter.count != compiles_before:
+        raise RuntimeError(f"train: the step recompiled {counter.count - compiles_before} times.")
+    median, step_median = statistics.median(end_to_end), statistics.median(step_only)
+    return {
+        "kind": "train", "step": args.step, "input": args.input, "transform": transform,
+        "model": args.model, "res": args.res, "batch": args.batch, "dtype": args.dtype,
+        "images_per_s": args.batch / median, "step_times_s": end_to_end,
+        "step_only_images_per_s": args.batch / step_median, "step_only_times_s": step_only,
+        "input_bound": median > 1.1 * step_median, "warmup_s": warmup_s,
+        "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+        "host_cpus": _cpu_count(), "loss": float(metrics["loss"]),
+    }
 
 
 def _cpu_count() -> int:
@@ -242,7 +359,7 @@ def _cpu_count() -> int:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dvp_jax.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kinds", nargs="+", choices=sorted(STEP_KINDS) + ["input"])
+    p.add_argument("kinds", nargs="+", choices=sorted(STEP_KINDS) + ["input", "train"])
     p.add_argument("--model", default="resnet18")
     p.add_argument("--res", type=int, default=64)
     p.add_argument("--batch", type=int, default=64, help="Global batch.")
@@ -255,6 +372,10 @@ def parse_args(argv):
     p.add_argument("--jpeg_dir", default="", help="input: folder of JPEGs (default: make some).")
     p.add_argument("--num_jpegs", type=int, default=300)
     p.add_argument("--input_batches", type=int, default=5)
+    p.add_argument("--input", default="device", choices=["device", "host"],
+                   help="train: input.augment_on of the end-to-end run.")
+    p.add_argument("--step", default="moco", choices=sorted(TRAIN_TRANSFORMS),
+                   help="train: the train step fed by the input pipeline.")
     return p.parse_args(argv)
 
 
@@ -265,9 +386,15 @@ def main(argv=None) -> list[dict]:
     counter = CompileCounter()
     records = []
     for kind in args.kinds:
-        record = bench_input(args) if kind == "input" else bench_step(kind, args, mesh, counter)
-        print(json.dumps(record), flush=True)
-        records.append(record)
+        if kind == "input":
+            new = bench_input(args)
+        elif kind == "train":
+            new = [bench_train(args, mesh, counter)]
+        else:
+            new = [bench_step(kind, args, mesh, counter)]
+        for record in new:
+            print(json.dumps(record), flush=True)
+        records.extend(new)
     rates = {r["kind"]: r["images_per_s"] for r in records}
     if "moco" in rates and "supervised" in rates:
         print(json.dumps({"kind": "ratio", "moco_over_supervised": rates["moco"] / rates["supervised"],

@@ -46,8 +46,14 @@ def input_config(source: str = "digits", image_size: int = 32) -> ml_collections
     # file written) | 'none' (no check; unreadable files are dropped by tf.data at run time).
     c.folder_validate = "cached"
     c.threadpool_size = 0  # tf.data private threads per pipeline; 0 = TF default (one per core).
+    # Where the train views are made: 'host' (tf.data on the CPUs: decode, crop, jitter, blur)
+    # or 'device' (the host decodes and stores the centre square at round(image_size / crop_ratio)
+    # px as uint8;
+    # the accelerators crop, jitter and blur inside the train step: dvp_jax/input/device_augment.py).
+    c.augment_on = "host"
     c.resize_antialias = True  # Antialiased bilinear resize in random crops (PIL-like); False is faster.
-    c.crop_ratio = 0.875  # Eval: resize the shorter side to round(image_size / crop_ratio), crop.
+    c.crop_ratio = 0.875  # Eval: resize the shorter side to round(image_size / crop_ratio), crop;
+    # augment_on='device': the side of the stored squares.
     c.shuffle_buffer = 50_000
     c.prefetch = 2  # Batches prefetched onto the devices.
     c.mean = IMAGENET_MEAN
@@ -154,6 +160,7 @@ def vipriors_data_and_model(config) -> None:
     bf16 compute (fp32 params, BN statistics and losses), batch 256, 100 epochs, on the
     VIPriors folder built by ``python -m dvp_jax.input.vipriors``."""
     config.input.source = "folder:data/vipriors"
+    config.input.augment_on = "device"  # The host only decodes: 224 px views made on the GPUs.
     config.model.dtype = "bfloat16"
     config.input.image_size = 224
     config.model.name = "resnet50"

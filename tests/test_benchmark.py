@@ -27,3 +27,19 @@ def test_compile_counter_sees_a_recompilation():
     f(a).block_until_ready()  # Same shape: no compilation.
     f(b).block_until_ready()  # New shape: a second compilation.
     assert counter.count - before == 2
+
+
+def test_benchmark_input_modes_and_end_to_end_train(capsys):
+    records = benchmark.main(["input", "train", "--step", "supervised", "--input", "device",
+                              "--model", "resnet18", "--width", "0.125", "--small_stem",
+                              "--res", "8", "--batch", "4", "--steps", "1", "--repeats", "1",
+                              "--num_jpegs", "8", "--input_batches", "1"])
+    assert [(r["kind"], r.get("mode")) for r in records] == [
+        ("input", "host"), ("input", "device"), ("train", None)]
+    host, device, train = records
+    assert host["images_per_s"] > 0 and device["images_per_s"] > 0
+    assert device["device_augment_ms_per_batch"] > 0
+    assert device["speedup_over_host"] == device["images_per_s"] / host["images_per_s"]
+    assert train["input"] == "device" and train["transform"] == "train_crop_flip"
+    assert train["images_per_s"] > 0 and train["step_only_images_per_s"] > 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3

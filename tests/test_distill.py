@@ -186,6 +186,7 @@ def test_config_values_are_checked(teacher_dir):
     assert (ofd.distill.kind, ofd.distill.weight, ofd.distill.start_epochs) == ("ofd", 1.0, 5.0)
     tricks = distill_config.get_config("vipriors_tricks")
     assert (tricks.classify.label_smoothing, tricks.input.auto_augment) == (0.1, "cifar10_released")
+    assert (paper.input.augment_on, tricks.input.augment_on) == ("device", "host")
 
 
 def test_epoch_counting_paper_vs_released_code():

@@ -11,16 +11,24 @@ Modules:
                  ten_crop), stateless: each output is a pure function of (image, seed).
   autoaugment -- AutoAugment's ImageNet and CIFAR-10 policies on uint8 images.
   pipeline    -- deterministic, resumable train iterators and padded eval iterators.
+  device_augment -- input.augment_on='device': the MoCo v2 and crop+flip views in jax.numpy,
+                 made inside the train step on each device's shard (imports no TensorFlow:
+                 it also imports where TensorFlow is not installed).
   vipriors    -- builds the VIPriors ImageNet subset (``python -m dvp_jax.input.vipriors``).
   throughput  -- measures the pipeline's images/s.
 """
 from __future__ import annotations
 
-import tensorflow as tf
+try:
+    import tensorflow as tf
+except ImportError:  # Only device_augment works then; the tf.data modules need TensorFlow.
+    tf = None
 
 
 def _hide_accelerators_from_tensorflow() -> None:
     """Makes TensorFlow see no GPU/TPU (it would otherwise reserve their memory)."""
+    if tf is None:
+        return
     for kind in ("GPU", "TPU"):
         try:
             tf.config.set_visible_devices([], kind)

@@ -16,6 +16,9 @@ step s on.
 
 Batches: dict of numpy arrays with leading dimension global_batch // process_count: the
 transform's outputs (float32), 'label' int32 [b], 'index' int32 [b] (position in the split),
+with input.augment_on='device' (train batches of 'moco_v2' / 'train_crop_flip' only) instead
+'image' uint8 [b, R, R, 3] (transform 'stored_uint8') and 'epoch' int32 [b], from which the
+train step makes the views on the devices (device_augment.py),
 plus 'mask' float32 [b] for eval batches (1 = real example, 0 = padding; padded rows are zeros
 with label -1 and index -1, so always select with the mask).
 """
@@ -27,7 +30,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from dvp_jax.input import augment, sources
+from dvp_jax.input import augment, device_augment, sources
 
 AUTOTUNE = tf.data.AUTOTUNE
 _SHUFFLE_STREAM, _AUGMENT_STREAM = 1, 2  # Keep the shuffle and augmentation seeds independent.
@@ -95,12 +98,14 @@ def epoch_order(num_examples: int, seed: int, epoch) -> tf.Tensor:
         tf.range(num_examples, dtype=tf.int64), seed=epoch_seed(seed, _SHUFFLE_STREAM, epoch))
 
 
-def _output_fn(transform_fn, seed: int):
-    """(epoch, element) -> transform outputs + 'label' int32 + 'index' int32."""
+def _output_fn(transform_fn, seed: int, with_epoch: bool = False):
+    """(epoch, element) -> transform outputs + 'label' int32 + 'index' int32 (+ 'epoch' int32)."""
     def fn(epoch, element):
         out = dict(transform_fn(element["image"], example_seed(seed, epoch, element["index"])))
         out["label"] = tf.cast(element["label"], tf.int32)
         out["index"] = tf.cast(element["index"], tf.int32)
+        if with_epoch:
+            out["epoch"] = tf.cast(epoch, tf.int32)
         return out
     return fn
 
@@ -143,9 +148,10 @@ def make_train_dataset(input_config, split: str, transform: str, *, global_batch
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
     first_epoch, step_in_epoch = divmod(int(start_step), spe)
-    transform_fn = augment.get_transform(transform, input_config,
+    device = device_augment.on_device(input_config, transform)
+    transform_fn = augment.get_transform("stored_uint8" if device else transform, input_config,
                                          image_size=image_size or input_config.image_size)
-    output_fn = _output_fn(transform_fn, seed)
+    output_fn = _output_fn(transform_fn, seed, with_epoch=device)
 
     if isinstance(source, sources.IndexedSource):
         ds = _indexed_train_stream(source, split, n, seed, spe, global_batch, local_batch,

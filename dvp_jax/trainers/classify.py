@@ -339,6 +339,13 @@ def train_batches_fn(config) -> Callable[[int], Any]:
     return train_batches
 
 
+def device_step(train_step, config, mesh):
+    """``train_step`` fed by ``train_batches_fn``: with input.augment_on='device' it first makes
+    the crops on the devices (dvp_jax/input/device_augment.py)."""
+    from dvp_jax.input import device_augment
+    return device_augment.wrap_step(train_step, config, mesh, TRAIN_TRANSFORM)
+
+
 def load_init(config, what: str = "config.classify.init_checkpoint") -> pretrained.Pretrained:
     """The Phase-1 (or converted) encoder named by config.classify.init_checkpoint, head dropped."""
     directory = config.classify.init_checkpoint
@@ -418,7 +425,8 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         name=trainer,
         init_state=make_init_state(model, tx, config, init=init, frozen_backbone=frozen,
                                    linear_init_std=config.classify.linear_init_std),
-        train_step=with_lr(train_step, schedule), train_batches=train_batches_fn(config),
+        train_step=device_step(with_lr(train_step, schedule), config, mesh),
+        train_batches=train_batches_fn(config),
         total_steps=sizes.total_steps, steps_per_epoch=sizes.steps_per_epoch,
         images_per_step=config.batch_size, meta=meta,
         evaluators=[accuracy_evaluator(config, model, mesh, workdir=workdir, trainer=trainer,

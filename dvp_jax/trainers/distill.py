@@ -219,7 +219,7 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         what="config.distill.teacher_checkpoint")
     return loop.Task(
         name="distill", init_state=init_state,
-        train_step=classify.with_lr(train_step, schedule),
+        train_step=classify.device_step(classify.with_lr(train_step, schedule), config, mesh),
         train_batches=classify.train_batches_fn(config),
         total_steps=sizes.total_steps, steps_per_epoch=sizes.steps_per_epoch,
         images_per_step=config.batch_size,

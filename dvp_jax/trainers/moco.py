@@ -125,7 +125,7 @@ def make_init_state(model, tx, config, groups: int):
 
 def build_task(config, mesh) -> loop.Task:
     """The loop.Task of a Phase-1 run described by ``config`` (see configs/moco.py)."""
-    from dvp_jax.input import pipeline
+    from dvp_jax.input import device_augment, pipeline
     if config.moco.shuffle_bn not in SHUFFLE_BN_MODES:
         raise config_checks.ConfigError(f"config.moco.shuffle_bn={config.moco.shuffle_bn!r}; allowed: "
                          f"{', '.join(SHUFFLE_BN_MODES)}.")
@@ -161,7 +161,8 @@ def build_task(config, mesh) -> loop.Task:
                                                feature=config.knn.feature))
     return loop.Task(
         name="moco", init_state=make_init_state(model, tx, config, groups),
-        train_step=train_step_with_lr, train_batches=train_batches,
+        train_step=device_augment.wrap_step(train_step_with_lr, config, mesh, "moco_v2"),
+        train_batches=train_batches,
         total_steps=sizes.total_steps, steps_per_epoch=sizes.steps_per_epoch,
         images_per_step=config.batch_size,
         meta={"trainer": "moco", "model": dict(kwargs, bn_groups=1)},

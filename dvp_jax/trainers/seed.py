@@ -170,7 +170,7 @@ def teacher_knn_evaluator(config, teacher_model, mesh):
 
 def build_task(config, mesh) -> loop.Task:
     """The loop.Task of a SEED run described by ``config`` (see configs/seed.py)."""
-    from dvp_jax.input import pipeline
+    from dvp_jax.input import device_augment, pipeline
     sc = config.seed_distill
     if sc.augmentation not in AUGMENTATIONS:
         raise ValueError(f"config.seed_distill.augmentation={sc.augmentation!r}; allowed: "
@@ -211,7 +211,9 @@ def build_task(config, mesh) -> loop.Task:
             config.input, config.input.train_split, sc.augmentation,
             global_batch=config.batch_size, seed=config.seed, start_step=start_step,
             image_size=config.input.image_size)
-        return ({view_key: b[view_key]} for b in batches)  # Only the view both networks see.
+        keep = (device_augment.DEVICE_INPUT_KEYS
+                if device_augment.on_device(config.input, sc.augmentation) else (view_key,))
+        return ({k: b[k] for k in keep} for b in batches)  # Only the view both networks see.
 
     eval_kwargs = dict(kwargs, bn_groups=1)
     evaluators = []
@@ -225,7 +227,8 @@ def build_task(config, mesh) -> loop.Task:
         name="seed",
         init_state=make_init_state(student, tx, config, teacher.variables, groups,
                                    embedding_dim),
-        train_step=train_step_with_lr, train_batches=train_batches,
+        train_step=device_augment.wrap_step(train_step_with_lr, config, mesh, sc.augmentation),
+        train_batches=train_batches,
         total_steps=sizes.total_steps, steps_per_epoch=sizes.steps_per_epoch,
         images_per_step=config.batch_size,
         meta={"trainer": "seed", "model": eval_kwargs, "teacher": teacher.describe()},
