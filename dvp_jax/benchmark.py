@@ -16,10 +16,13 @@ and the batch sharded over every device, exactly as in training.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dvp_jax import config_base, loop, sharding
+from dvp_jax import config_base, errors, loop, sharding
 from dvp_jax.trainers import pretrained
 
 # Dense peak FLOP/s of one device by device_kind (bf16 tensor cores for GPUs/TPUs).
@@ -218,16 +221,37 @@ def bench_step(kind: str, args, mesh, counter: CompileCounter) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _benchmark_jpegs(keep_dir: str, num_images: int):
+    """Yields a folder of ``num_images`` fresh random JPEGs (folder-source layout).
+
+    Without ``keep_dir``: a new temporary folder, removed afterwards. With it: ``keep_dir``
+    must not exist yet or be empty (never a user's data set: nothing is ever overwritten) and
+    is kept.
+    """
+    from dvp_jax.input import throughput
+    if keep_dir:
+        if os.path.exists(keep_dir) and (not os.path.isdir(keep_dir) or os.listdir(keep_dir)):
+            raise errors.UserError(
+                f"--jpeg_dir {keep_dir} exists and is not empty; the benchmark writes its own "
+                f"random JPEGs there and never into existing data. Give a new folder, or omit "
+                f"--jpeg_dir to use a temporary one.")
+        os.makedirs(keep_dir, exist_ok=True)
+        throughput.make_jpegs(keep_dir, num_images=num_images)
+        yield keep_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="dvp_jpegs_") as folder:
+        throughput.make_jpegs(folder, num_images=num_images)
+        yield folder
+
+
 def bench_input(args) -> dict:
     """The tf.data pipeline's img/s (two-view MoCo augmentation by default) on host CPUs."""
-    import tempfile
-
     from dvp_jax.input import throughput
-    folder = args.jpeg_dir or tempfile.mkdtemp(prefix="dvp_jpegs_")
-    throughput.make_jpegs(folder, num_images=args.num_jpegs)
-    config = config_base.input_config(source=f"folder:{folder}", image_size=args.res)
-    runs = [throughput.measure(config, "train", args.transform, args.batch, args.res,
-                               args.input_batches) for _ in range(args.repeats)]
+    with _benchmark_jpegs(args.jpeg_dir, args.num_jpegs) as folder:
+        config = config_base.input_config(source=f"folder:{folder}", image_size=args.res)
+        runs = [throughput.measure(config, "train", args.transform, args.batch, args.res,
+                                   args.input_batches) for _ in range(args.repeats)]
     rates = [r["images_per_s"] for r in runs]
     return {"kind": "input", "transform": args.transform, "res": args.res, "batch": args.batch,
             "images_per_s": statistics.median(rates), "images_per_s_runs": rates,
@@ -252,7 +276,9 @@ def parse_args(argv):
     p.add_argument("--small_stem", action="store_true")
     p.add_argument("--width", type=float, default=1.0, help="Backbone width multiplier.")
     p.add_argument("--transform", default="moco_v2", help="input: the transform to time.")
-    p.add_argument("--jpeg_dir", default="", help="input: folder of JPEGs (default: make some).")
+    p.add_argument("--jpeg_dir", default="",
+                   help="input: a NEW (or empty) folder to write the random benchmark JPEGs to and "
+                        "keep (default: a temporary folder, removed afterwards).")
     p.add_argument("--num_jpegs", type=int, default=300)
     p.add_argument("--input_batches", type=int, default=5)
     return p.parse_args(argv)
@@ -276,4 +302,8 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except errors.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
