@@ -797,6 +797,21 @@ _DIGITS_CACHE: dict = {}
 _TFDS_SUBSET_CACHE: dict = {}
 
 
+def split_sizes(input_config) -> dict[str, int | str]:
+    """{split: examples} of the config's train and eval splits as this process sees them
+    (a split it cannot read maps to its error message): what multi-host runs must agree on."""
+    source = get_source(input_config)
+    sizes = {}
+    for key in ("train_split", "eval_split"):
+        split = input_config.get(key)
+        if split and split not in sizes:
+            try:
+                sizes[split] = source.info(split).num_examples
+            except DataError as e:
+                sizes[split] = f"unreadable: {e}"
+    return sizes
+
+
 def get_source(input_config) -> Source:
     """The source named by ``input_config.source``: 'digits' | 'synthetic' | 'tfds:NAME' | 'folder:PATH'."""
     source = str(input_config.source)
