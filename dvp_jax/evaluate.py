@@ -247,7 +247,8 @@ def _bank_pass(member: Member, split: str, feature: str, global_batch: int, mesh
                                           global_batch=global_batch,
                                           image_size=int(member.input_config.image_size))
     try:
-        return features.extract_bank(predict, member.variables, batches, mesh)
+        return features.extract_bank(predict, member.variables, batches, mesh,
+                                     _split_info(member.input_config, split).num_examples)
     except ValueError as e:
         raise EvaluationError(f"Split {split!r} of {member.input_config.source!r}: {e}") from e
 

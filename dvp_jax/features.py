@@ -74,51 +74,56 @@ def extract(predict: PredictFn, variables: Any, batches: Iterable[dict], mesh,
 
 @functools.lru_cache(maxsize=64)
 def _compiled_bank_runner(predict: PredictFn, mesh):
-    """Like ``_compiled_runner`` but outputs stay batch-sharded; padding rows get label -1."""
-    data = sharding.batch_sharded(mesh)
+    """jit((variables, images, labels, mask, bank, bank_labels, row)) -> (bank, bank_labels):
+    the batch's L2-normalised outputs written in place (buffers donated) into every device's
+    own rows [row, row + B / devices) of the bank; padding rows get label -1."""
+    from jax.sharding import PartitionSpec as P
+    axis = sharding.DATA_AXIS
 
-    @jax.jit
-    def run(variables, images, labels, mask):
+    def write(bank, bank_labels, out, labels, row):
+        return (jax.lax.dynamic_update_slice(bank, out, (row, 0)),
+                jax.lax.dynamic_update_slice(bank_labels, labels, (row,)))
+
+    write_local = jax.shard_map(write, mesh=mesh, in_specs=(P(axis),) * 4 + (P(),),
+                                out_specs=(P(axis), P(axis)), check_vma=False)
+
+    @functools.partial(jax.jit, donate_argnums=(4, 5))
+    def run(variables, images, labels, mask, bank, bank_labels, row):
         out = predict(variables, images).astype(jnp.float32)
         out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
         labels = jnp.where(mask > 0, labels, -1).astype(jnp.int32)
-        return (jax.lax.with_sharding_constraint(out, data),
-                jax.lax.with_sharding_constraint(labels, data))
+        return write_local(bank, bank_labels, out, labels, row)
 
     return run
 
 
-def bank_from_local_pieces(pieces: dict, mesh, size: int) -> ShardedBank:
-    """{device: [(features [b, D], labels [b]) on that device, ...]} of this process's devices
-    -> ShardedBank; each device's pieces are concatenated on that device (equal counts)."""
-    data = sharding.batch_sharded(mesh)
-    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    feats = [jnp.concatenate([f for f, _ in pieces[d]]) for d in local]
-    labels = [jnp.concatenate([l for _, l in pieces[d]]) for d in local]
-    rows = feats[0].shape[0] * mesh.devices.size
-    return ShardedBank(
-        features=jax.make_array_from_single_device_arrays((rows, feats[0].shape[1]), data, feats),
-        labels=jax.make_array_from_single_device_arrays((rows,), data, labels), size=size)
-
-
 def extract_bank(predict: PredictFn, variables: Any, batches: Iterable[dict], mesh,
-                 image_key: str = "image") -> ShardedBank:
-    """The split's L2-normalised outputs as a ShardedBank: nothing is gathered to a host or
-    replicated; each device keeps its own rows of every batch (about N x D x 4 / devices bytes,
-    twice that briefly while the final per-device concatenation runs)."""
+                 num_examples: int, image_key: str = "image") -> ShardedBank:
+    """The split's L2-normalised outputs as a ShardedBank, nothing gathered to a host.
+
+    ``num_examples``: the split's size N (sizes the bank: ceil(N / global batch) batches).
+    Each device keeps its share of every batch in one preallocated buffer written in place:
+    N_padded x D x 4 / devices bytes per device, plus one batch's outputs.
+    """
     run = _compiled_bank_runner(predict, mesh)
-    pieces: dict = {}
-    size = 0
-    for batch in batches:
-        size += int(np.sum(np.asarray(batch["mask"]) > 0))  # This process's real rows.
+    data = sharding.batch_sharded(mesh)
+    n_dev = sharding.num_data_shards(mesh)
+    bank = bank_labels = None
+    num_batches = rows = 0
+    for i, batch in enumerate(batches):
         g = sharding.to_global({k: batch[k] for k in (image_key, "label", "mask")}, mesh)
-        out, lab = run(variables, g[image_key], g["label"], g["mask"])
-        lab_shards = {s.device: s.data for s in lab.addressable_shards}
-        for s in out.addressable_shards:
-            pieces.setdefault(s.device, []).append((s.data, lab_shards[s.device]))
-    if not pieces:
+        global_batch = g["label"].shape[0]
+        if bank is None:
+            num_batches = -(-int(num_examples) // global_batch)
+            rows = num_batches * global_batch
+            dim = jax.eval_shape(predict, variables, g[image_key]).shape[-1]
+            bank = jax.jit(lambda: jnp.zeros((rows, dim), jnp.float32), out_shardings=data)()
+            bank_labels = jax.jit(lambda: jnp.full((rows,), -1, jnp.int32), out_shardings=data)()
+        if i >= num_batches:
+            raise ValueError(f"The evaluation split yielded more than the {num_batches} batches "
+                             f"of {num_examples} examples.")
+        bank, bank_labels = run(variables, g[image_key], g["label"], g["mask"], bank, bank_labels,
+                                jnp.int32(i * global_batch // n_dev))
+    if bank is None:
         raise ValueError("The evaluation split yielded no batches.")
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        size = int(np.sum(multihost_utils.process_allgather(np.array(size))))
-    return bank_from_local_pieces(pieces, mesh, size)
+    return ShardedBank(features=bank, labels=bank_labels, size=int(num_examples))

@@ -90,7 +90,7 @@ def test_extracted_bank_stays_sharded_and_gives_the_unsharded_knn():
                                            image_size=8)
 
     variables = {"scale": jnp.float32(2.0)}
-    bank = features.extract_bank(predict, variables, batches("train"), mesh)
+    bank = features.extract_bank(predict, variables, batches("train"), mesh, 37)
     assert bank.size == 37 and bank.features.shape == (40, 24)
     assert {s.data.shape for s in bank.features.addressable_shards} == {(10, 24)}
     assert int(np.sum(np.asarray(bank.labels) < 0)) == 3

@@ -78,7 +78,8 @@ def knn_evaluator(config, model, variables_of: Callable[[Any], dict], mesh,
     def evaluate(state) -> dict:
         variables = variables_of(state)
         bank = features.extract_bank(  # Rows stay split over the devices (never on a host).
-            predict, variables, eval_batches(config, config.input.train_split), mesh)
+            predict, variables, eval_batches(config, config.input.train_split), mesh,
+            data_sizes(config, mesh).num_train)
         query, labels = features.extract(
             predict, variables, eval_batches(config, config.input.eval_split), mesh)
         num_classes = max(int(jax.device_get(jnp.max(bank.labels))), int(labels.max())) + 1
