@@ -497,7 +497,11 @@ def _main(argv) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return 2
-    distributed.initialize()
+    try:
+        distributed.initialize()
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     config = f.config
     input_config, batch_size, knn_k, knn_t = None, f.batch_size, f.knn_k, f.knn_temperature
     if config is not None:
