@@ -144,6 +144,16 @@ def initialize() -> None:
             f"--distributed=off.") from e
 
 
+_uses: dict[str, int] = {}  # name -> calls so far; every process calls in the same order.
+
+
+def _unique(name: str) -> str:
+    """``name`` plus how often it was used before: coordination-service keys and barrier ids
+    are single-use (the pipeline, e.g., runs the start-up check once per stage)."""
+    _uses[name] = _uses.get(name, 0) + 1
+    return f"dvp:{name}:{_uses[name]}"
+
+
 def _client():
     from jax._src import distributed as jax_distributed
     return jax_distributed.global_state.client
@@ -159,7 +169,7 @@ def barrier(name: str, timeout_s: float | None = None) -> None:
         return
     timeout = _timeout(timeout_s)
     try:
-        _client().wait_at_barrier(f"dvp:{name}", int(timeout * 1000))
+        _client().wait_at_barrier(_unique(f"barrier:{name}"), int(timeout * 1000))
     except Exception as e:  # pylint: disable=broad-except
         raise DistributedError(
             f"process {jax.process_index()} on {socket.gethostname()} waited {timeout:g} s at "
@@ -203,12 +213,12 @@ def check_agreement(name: str, parts: dict, timeout_s: float | None = None) -> N
     mine = {"host": socket.gethostname(), "digests": {k: _digest(v) for k, v in parts.items()},
             "small": {k: v for k, v in parts.items() if len(json.dumps(v, default=str)) <= 200}}
     client = _client()
-    client.key_value_set(f"dvp:{name}:{jax.process_index()}", json.dumps(mine))
+    key = _unique(f"agree:{name}")
+    client.key_value_set(f"{key}:{jax.process_index()}", json.dumps(mine))
     everyone = []
     for p in range(jax.process_count()):
         try:
-            everyone.append(json.loads(client.blocking_key_value_get(f"dvp:{name}:{p}",
-                                                                    timeout_ms)))
+            everyone.append(json.loads(client.blocking_key_value_get(f"{key}:{p}", timeout_ms)))
         except Exception as e:  # pylint: disable=broad-except
             raise DistributedError(
                 f"process {jax.process_index()} waited {timeout_ms / 1000:g} s for process {p}'s "

@@ -3,7 +3,8 @@
     python tests/multihost_sync_worker.py --coordinator_address=127.0.0.1:PORT --process_id=I \
         --out=FILE.json
 
-Joins a 2-process job (gloo), then: (1) check_agreement on equal parts (must pass);
+Joins a 2-process job (gloo), then: (1) check_agreement on equal parts, twice under one
+name (must pass);
 (2) check_agreement where process 1 sees one more training example (must fail on both,
 naming process 1); (3) process 0 waits at a barrier process 1 never reaches (timeout 2 s),
 while process 1 sleeps 4 s. Writes {'agree_ok', 'disagree', 'timeout', 'timeout_s'} to FILE.
@@ -33,6 +34,7 @@ def main():
     result = {}
     distributed.check_agreement("same", {"config": {"lr": 0.1}, "sizes": {"train": 100}},
                                 timeout_s=60)
+    distributed.check_agreement("same", {"config": {"lr": 0.1}}, timeout_s=60)  # Reusable name.
     result["agree_ok"] = True
     try:
         distributed.check_agreement("sizes", {"config": {"lr": 0.1},
