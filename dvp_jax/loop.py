@@ -290,6 +290,8 @@ def run(task: Task, config, workdir: str, mesh=None) -> Any:
                 log.info("%s[%s] step %d eval %s", _stage_label, task.name, step,
                          " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
 
+    # Bounded wait for every process before the first step (a collective that would hang).
+    distributed.barrier(f"{task.name}: first step")
     flag = _PreemptionFlag()
     flag.install()
     pending: list[tuple[int, dict]] = []  # Device metrics not fetched yet.
