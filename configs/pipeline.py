@@ -94,7 +94,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     config.stages = _stages(size)
     config.input = ml_collections.ConfigDict(config.stages.moco.input.to_dict())
     config.model = ml_collections.ConfigDict(config.stages.moco.model.to_dict())
-    config.loop = ml_collections.ConfigDict(config.stages.moco.loop.to_dict())
+    # Unset (None): each stage keeps its own loop settings; --config.loop.KEY=V sets every stage's.
+    config.loop = ml_collections.ConfigDict()
+    for key, value in config.stages.moco.loop.items():
+        config.loop[key] = ml_collections.config_dict.placeholder(type(value))
     if preset in DIGITS_EPOCHS:
         for name, epochs in DIGITS_EPOCHS[preset].items():
             _set_epochs(config.stages[name], epochs)

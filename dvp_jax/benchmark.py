@@ -23,10 +23,13 @@ alone ('input_bound': true where the input slows the step by over 10%).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dvp_jax import config_base, loop, sharding
+from dvp_jax import config_base, errors, loop, sharding
 from dvp_jax.trainers import pretrained
 
 # Dense peak FLOP/s of one device by device_kind (bf16 tensor cores for GPUs/TPUs).
@@ -225,19 +228,39 @@ def bench_step(kind: str, args, mesh, counter: CompileCounter) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _benchmark_jpegs(keep_dir: str, num_images: int):
+    """Yields a folder of ``num_images`` fresh random JPEGs (folder-source layout).
+
+    Without ``keep_dir``: a new temporary folder, removed afterwards. With it: ``keep_dir``
+    must not exist yet or be empty (never a user's data set: nothing is ever overwritten) and
+    is kept.
+    """
+    from dvp_jax.input import throughput
+    if keep_dir:
+        if os.path.exists(keep_dir) and (not os.path.isdir(keep_dir) or os.listdir(keep_dir)):
+            raise errors.UserError(
+                f"--jpeg_dir {keep_dir} exists and is not empty; the benchmark writes its own "
+                f"random JPEGs there and never into existing data. Give a new folder, or omit "
+                f"--jpeg_dir to use a temporary one.")
+        os.makedirs(keep_dir, exist_ok=True)
+        throughput.make_jpegs(keep_dir, num_images=num_images)
+        yield keep_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="dvp_jpegs_") as folder:
+        throughput.make_jpegs(folder, num_images=num_images)
+        yield folder
+
+
 def bench_input(args) -> list[dict]:
     """The tf.data pipeline's img/s on host CPUs in both input.augment_on modes (two-view
     MoCo augmentation by default); see ``input_mode_records``."""
-    return input_mode_records(args, _jpeg_input_config(args))
+    with _benchmark_jpegs(args.jpeg_dir, args.num_jpegs) as folder:
+        return input_mode_records(args, _jpeg_input_config(args, folder))
 
 
-def _jpeg_input_config(args) -> ml_collections.ConfigDict:
-    """An input config reading a folder of JPEGs (--jpeg_dir, or random ones made for the run)."""
-    import tempfile
-
-    from dvp_jax.input import throughput
-    folder = args.jpeg_dir or tempfile.mkdtemp(prefix="dvp_jpegs_")
-    throughput.make_jpegs(folder, num_images=args.num_jpegs)
+def _jpeg_input_config(args, folder: str) -> ml_collections.ConfigDict:
+    """An input config reading the benchmark's folder of JPEGs at --res."""
     return config_base.input_config(source=f"folder:{folder}", image_size=args.res)
 
 
@@ -297,6 +320,12 @@ TRAIN_TRANSFORMS = {"moco": "moco_v2", "supervised": "train_crop_flip"}
 
 
 def bench_train(args, mesh, counter: CompileCounter) -> dict:
+    """See ``_bench_train``; the JPEG folder lives for the whole run."""
+    with _benchmark_jpegs(args.jpeg_dir, args.num_jpegs) as folder:
+        return _bench_train(args, mesh, counter, folder)
+
+
+def _bench_train(args, mesh, counter: CompileCounter, folder: str) -> dict:
     """End to end: the --step kind's train step fed by the real input pipeline (folder of
     JPEGs) in mode --input, img/s over --repeats runs of --steps steps after a warm-up; and
     the same step alone on one fixed device batch ('step_only_images_per_s'). The input is
@@ -304,7 +333,7 @@ def bench_train(args, mesh, counter: CompileCounter) -> dict:
     from dvp_jax.input import device_augment, pipeline
     init_state, train_step, _ = STEP_KINDS[args.step](args, mesh)
     transform = TRAIN_TRANSFORMS[args.step]
-    config = ml_collections.ConfigDict({"input": _jpeg_input_config(args), "seed": 0})
+    config = ml_collections.ConfigDict({"input": _jpeg_input_config(args, folder), "seed": 0})
     config.input.augment_on = args.input
     rep = sharding.replicated(mesh)
     step = jax.jit(device_augment.wrap_step(train_step, config, mesh, transform),
@@ -369,7 +398,9 @@ def parse_args(argv):
     p.add_argument("--small_stem", action="store_true")
     p.add_argument("--width", type=float, default=1.0, help="Backbone width multiplier.")
     p.add_argument("--transform", default="moco_v2", help="input: the transform to time.")
-    p.add_argument("--jpeg_dir", default="", help="input: folder of JPEGs (default: make some).")
+    p.add_argument("--jpeg_dir", default="",
+                   help="input: a NEW (or empty) folder to write the random benchmark JPEGs to and "
+                        "keep (default: a temporary folder, removed afterwards).")
     p.add_argument("--num_jpegs", type=int, default=300)
     p.add_argument("--input_batches", type=int, default=5)
     p.add_argument("--input", default="device", choices=["device", "host"],
@@ -403,4 +434,8 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except errors.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -41,10 +41,14 @@ def input_config(source: str = "digits", image_size: int = 32) -> ml_collections
     c.tfds_label_key = "label"
     # Folder sources: a corrupt or non-image file is skipped and counted, or stops the run.
     c.strict = False
-    # Up-front check of folder sources: 'cached' decodes every file once and remembers the
-    # result in PATH/.dvp_jax_checked.json (if PATH is writable) | 'decode' (every start, no
-    # file written) | 'none' (no check; unreadable files are dropped by tf.data at run time).
+    # Up-front check of folder sources: 'cached' checks every file once, in parallel, and
+    # remembers the result in the user cache dir ($XDG_CACHE_HOME/dvp_jax, never in PATH) |
+    # 'decode' (every start, nothing written) | 'none' (lazy: unreadable files are dropped by
+    # tf.data at run time). Skipped files are counted and reported either way.
     c.folder_validate = "cached"
+    # Decompression bombs: images over this many pixels (by their header) are skipped and
+    # counted, never decoded. 40 M pixels = 120 MB decoded RGB, far above ordinary photos.
+    c.max_image_pixels = 40_000_000
     c.threadpool_size = 0  # tf.data private threads per pipeline; 0 = TF default (one per core).
     # Where the train views are made: 'host' (tf.data on the CPUs: decode, crop, jitter, blur)
     # or 'device' (the host decodes and stores the centre square at round(image_size / crop_ratio)

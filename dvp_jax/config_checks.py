@@ -89,7 +89,7 @@ def validate(config) -> None:
     problems = []
     for key, ok, allowed in _rules():
         value = _get(config, key)
-        if value is _MISSING:
+        if value is _MISSING or value is None:  # None: an unset placeholder (pipeline's loop).
             continue
         try:
             good = ok(value)

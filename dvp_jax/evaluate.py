@@ -238,6 +238,21 @@ def _run_pass(member: Member, split: str, transform: str, *, scores: bool, featu
     return (out[:, :c] if scores else None), (out[:, c:] if feature else None), labels
 
 
+def _bank_pass(member: Member, split: str, feature: str, global_batch: int, mesh):
+    """The k-NN bank of ``split`` (centre crops, ``feature``) as a metrics.ShardedBank: rows
+    stay split over the devices, never gathered to a host."""
+    from dvp_jax.input import pipeline
+    predict = _cached_predict(json.dumps(member.build_kwargs, sort_keys=True), False, feature)
+    batches = pipeline.make_eval_iterator(member.input_config, split, "eval_center",
+                                          global_batch=global_batch,
+                                          image_size=int(member.input_config.image_size))
+    try:
+        return features.extract_bank(predict, member.variables, batches, mesh,
+                                     _split_info(member.input_config, split).num_examples)
+    except ValueError as e:
+        raise EvaluationError(f"Split {split!r} of {member.input_config.source!r}: {e}") from e
+
+
 def _split_info(input_config, split: str):
     from dvp_jax.input import sources
     return sources.get_source(input_config).info(split)
@@ -364,24 +379,22 @@ def evaluate_checkpoints(checkpoint_dirs: Sequence[str], *, split: str, input_co
             log_probs.append(s)
             res.update(_accuracy(s, labels))
         if knn:
-            # Query and bank passes run the same program (scores too if there is a classifier).
-            with_scores = bool(m.num_classes)
             if query is None:
-                _, query, lab = _run_pass(m, split, "eval_center", scores=with_scores,
+                _, query, lab = _run_pass(m, split, "eval_center", scores=False,
                                           feature=knn_feature, global_batch=global_batch,
                                           mesh=mesh)
                 labels = _same_labels(labels, lab, what)
             bank_split = knn_bank_split or m.input_config.train_split
-            _, bank, bank_labels = _run_pass(m, bank_split, "eval_center", scores=with_scores,
-                                             feature=knn_feature, global_batch=global_batch,
-                                             mesh=mesh)
+            bank = _bank_pass(m, bank_split, knn_feature, global_batch, mesh)
             num_classes = max(_split_info(m.input_config, bank_split).num_classes,
-                              int(max(bank_labels.max(initial=0), labels.max(initial=0))) + 1)
-            knn_scores = metrics.weighted_knn_scores(query, bank, bank_labels,
-                                                     num_classes=num_classes, k=knn_k,
-                                                     temperature=knn_temperature)
+                              int(jax.device_get(jnp.max(bank.labels))) + 1,
+                              int(labels.max(initial=0)) + 1)
+            knn_scores = metrics.sharded_knn_scores(query, bank, num_classes=num_classes,
+                                                    k=knn_k, temperature=knn_temperature,
+                                                    mesh=mesh)
             res.update(_accuracy(knn_scores, labels, prefix="knn_"))
-            res.update(knn_bank_split=bank_split, knn_bank_size=int(len(bank_labels)))
+            res.update(knn_bank_split=bank_split, knn_bank_size=int(bank.size))
+            del bank
         member_results.append(res)
 
     result: dict[str, Any] = {
@@ -500,7 +513,11 @@ def _main(argv) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return 2
-    distributed.initialize()
+    try:
+        distributed.initialize()
+    except distributed.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     config = f.config
     input_config, batch_size, knn_k, knn_t = None, f.batch_size, f.knn_k, f.knn_temperature
     if config is not None:

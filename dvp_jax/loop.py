@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging as log
 from jax.experimental import multihost_utils
 
-from dvp_jax import checkpoints, errors, sharding
+from dvp_jax import checkpoints, distributed, errors, sharding
 
 
 # Config keys that may change between a run and its resume (they change no result). Paths
@@ -242,6 +242,11 @@ def run(task: Task, config, workdir: str, mesh=None) -> Any:
     mesh = sharding.make_mesh() if mesh is None else mesh
     lc = config.loop
     check_or_save_config(config, workdir)
+    from dvp_jax.input import sources  # Imports TensorFlow: kept out of module import time.
+    # Before the first collective: every host must have the same config, data and code.
+    distributed.check_agreement("start", {
+        "config": config_to_dict(config), "data set sizes": sources.split_sizes(config.input),
+        "steps": [task.total_steps, task.steps_per_epoch, task.images_per_step]})
     ckpt_dir = os.path.join(workdir, "checkpoints")
     mngr = checkpoints.manager(ckpt_dir, max_to_keep=lc.keep_checkpoints)
     meta = dict(task.meta, config=config_to_dict(config))
@@ -285,6 +290,8 @@ def run(task: Task, config, workdir: str, mesh=None) -> Any:
                 log.info("%s[%s] step %d eval %s", _stage_label, task.name, step,
                          " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
 
+    # Bounded wait for every process before the first step (a collective that would hang).
+    distributed.barrier(f"{task.name}: first step")
     flag = _PreemptionFlag()
     flag.install()
     pending: list[tuple[int, dict]] = []  # Device metrics not fetched yet.

@@ -52,10 +52,10 @@ def enable_compilation_cache() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    distributed.initialize()
-    enable_compilation_cache()
-    logging.info("Config:\n%s", FLAGS.config)
     try:
+        distributed.initialize()
+        enable_compilation_cache()
+        logging.info("Config:\n%s", FLAGS.config)
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except errors.USER_ERRORS as e:
         _fail(f"{type(e).__name__}: {e}")

@@ -11,7 +11,10 @@ For every seed in ``config.seeds``, in ``WORKDIR/seed_<s>/<stage>``:
 Each stage is a full trainer config under ``config.stages.<stage>``; the pipeline copies the
 shared ``config.input`` and ``config.model`` and the seed into it, and wires the Phase-1
 checkpoint into the stages that start from it. A stage that finished is skipped (its
-``done.json`` holds its evaluation); an interrupted one resumes from its last checkpoint.
+``done.json`` holds its evaluation) unless its config changed since (then it runs again: the
+loop continues it or refuses the change); an interrupted one resumes from its last checkpoint.
+Top-level ``config.loop`` keys left unset (None) keep each stage's own value; set ones (e.g.
+``--config.loop.checkpoint_every_steps=100``) apply to every stage.
 Then ``WORKDIR/results.json``, ``results.md``, ``curves.png`` and ``accuracy.png`` are written
 (process 0) and the table is printed.
 """
@@ -44,6 +47,9 @@ def stage_config(config, stage: str, seed: int, workdir: str) -> ml_collections.
     c.input = ml_collections.ConfigDict(config.input.to_dict())
     c.model = ml_collections.ConfigDict(config.model.to_dict())
     c.seed = seed
+    for key, value in config.get("loop", {}).items():  # Top-level --config.loop.* overrides.
+        if value is not None:
+            c.loop[key] = value
     phase1 = os.path.join(workdir, f"seed_{seed}", "moco", "checkpoints")
     if stage in ("linear", "finetune"):
         c.classify.init_checkpoint = phase1
@@ -67,17 +73,42 @@ def _evaluate_stage(stage: str, stage_dir: str, splits, stage_cfg) -> dict:
     return results
 
 
+def finished_record(stage_dir: str, stage_cfg) -> dict | None:
+    """The stage's done.json record if it finished with exactly ``stage_cfg``, else None.
+
+    A finished stage whose saved config (STAGE_DIR/config.json) differs from ``stage_cfg``
+    (apart from loop.RESUMABLE_CHANGES such as log intervals) is run again: the loop then continues it (changes it can resume with, e.g. more epochs) or
+    refuses it naming the changed keys, as for any workdir.
+    """
+    done_path = os.path.join(stage_dir, "done.json")
+    config_path = os.path.join(stage_dir, "config.json")
+    if not os.path.exists(done_path):
+        return None
+    saved = None
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            saved = json.load(f)
+    a, b = loop._flatten(saved or {}), loop._flatten(loop.config_to_dict(stage_cfg))
+    changed = [k for k in set(a) | set(b)
+               if a.get(k) != b.get(k) and k not in loop.RESUMABLE_CHANGES]
+    if saved is None or changed:
+        logging.warning("%s: the stage config changed since it finished; running it again.",
+                        stage_dir)
+        return None
+    with open(done_path) as f:
+        return json.load(f)
+
+
 def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
     """Trains (or resumes, or skips) one stage and returns {'val': top1, 'test': top1, ...}."""
     from dvp_jax import train as train_lib
     stage_dir = os.path.join(workdir, f"seed_{seed}", stage)
     done_path = os.path.join(stage_dir, "done.json")
-    if os.path.exists(done_path):
-        with open(done_path) as f:
-            record = json.load(f)
+    c = stage_config(config, stage, seed, workdir)
+    record = finished_record(stage_dir, c)
+    if record is not None:
         logging.info("seed %d · %s: finished earlier, skipped (%s).", seed, stage, done_path)
         return record
-    c = stage_config(config, stage, seed, workdir)
     config_checks.validate(c)
     loop.set_stage_label(f"seed {seed} · {stage} · ")
     module = importlib.import_module(train_lib.TRAINERS[c.trainer])

@@ -25,7 +25,8 @@ Subcommands (several may be given; they run in this order):
             -e '.[tpu]'; with --data-from, also copy the data set to every worker
   run       the training command on all workers (--worker=all)
   logs      follow worker 0's log of a --detach run
-  delete    delete the slice
+  delete    delete the slice: only one that `create` made (it carries the label
+            created-by=dvp-jax-tpu-vm); any other needs --force-delete or a yes on a terminal
   all       create, setup, run (and delete with --delete, even when the run fails)
 
 Options (environment variable in brackets, then the default):
@@ -43,7 +44,8 @@ Options (environment variable in brackets, then the default):
   --source copy|git        how the code gets there [SOURCE] (copy: scp this checkout)
   --git-url URL            repository for --source=git [GIT_URL]
   --git-ref REF            branch, tag or commit for --source=git [GIT_REF] (default branch)
-  --remote-dir DIR         project folder on the workers, under $HOME [REMOTE_DIR] (dvp_jax)
+  --remote-dir DIR         project folder on the workers, relative to $HOME, no '..'
+                           [REMOTE_DIR] (dvp_jax); `setup` replaces only a folder it made
   --remote-venv DIR        venv on the workers, under $HOME [REMOTE_VENV] (dvp_venv)
   --remote-python PY       Python that makes the venv [REMOTE_PYTHON] (first of
                            python3.13 python3.12 python3.11 python3 that is >= 3.11)
@@ -55,11 +57,15 @@ Options (environment variable in brackets, then the default):
   --allow-local-workdir    accept a non-GCS workdir (single-host slices only)
   --distributed MODE       --distributed for dvp_jax.main [DISTRIBUTED] (on: JAX finds the
                            slice's workers itself)
-  --env NAME=VALUE         environment variable for the run on the workers (repeatable)
+  --env NAME[=VALUE]       environment variable for the run on the workers (repeatable);
+                           NAME alone takes the value from this shell's environment (use it
+                           for secrets: the value is then on no command line). Values are
+                           never printed and reach the workers in a private file, not argv
   --detach                 start the run in the background (nohup, log in ~/LOG) and return
                            [DETACH=1]; follow it with `logs`
   --log FILE               log file of a detached run, under $HOME [LOG] (dvp_run.log)
   --delete                 with `all`: delete the slice at the end [DELETE=1]
+  --force-delete           `delete` also a slice this script did not create
   --dry-run                print the commands (one a line, quoted) and run nothing [DRY_RUN=1]
   -h, --help               this help
 
@@ -95,6 +101,12 @@ DETACH=$(dvp_bool DETACH "${DETACH:-0}")
 LOG=${LOG:-dvp_run.log}
 DELETE=$(dvp_bool DELETE "${DELETE:-0}")
 DRY_RUN=$(dvp_bool DRY_RUN "${DRY_RUN:-0}")
+FORCE_DELETE=0
+CREATED_HERE=0  # 1 once this call's `create` succeeded: that slice is ours to delete.
+OWNER_LABEL=created-by=dvp-jax-tpu-vm
+MARKER=.dvp_jax_tpu_vm  # In a remote project folder this script made (and may replace).
+# shellcheck disable=SC2088  # The ~ is for the remote shell.
+R_ENV_FILE='~/.dvp_run_env'  # Private (0600) file with the --env values on each worker.
 CREATE_ARGS=()
 REMOTE_ENV=()
 SUBCOMMANDS=()
@@ -129,6 +141,7 @@ while (($#)); do
         --detach) DETACH=1 ;;
         --log) dvp_need_value "$1" $#; LOG=$2; shift ;;
         --delete) DELETE=1 ;;
+        --force-delete) FORCE_DELETE=1 ;;
         --dry-run) DRY_RUN=1 ;;
         --) shift; MAIN_ARGS=("$@"); break ;;
         -*) dvp_die "unknown option: $1" ;;
@@ -152,13 +165,25 @@ case $DISTRIBUTED in
     *) dvp_die "--distributed must be auto, on or off, not '$DISTRIBUTED'" ;;
 esac
 # Remote paths are written into remote shell commands unquoted (so that ~ expands).
+# The project folder is deleted by `setup`: it must stay under $HOME.
+for pair in "remote-dir:$REMOTE_DIR" "data-to:$DATA_TO"; do
+    if [[ ${pair#*:} == /* || /${pair#*:}/ == */../* || /${pair#*:}/ =~ /\.?/ ]]; then
+        dvp_die "--${pair%%:*} '${pair#*:}' must be a relative path under \$HOME without '.', '..' or empty parts"
+    fi
+done
 for pair in "remote-dir:$REMOTE_DIR" "remote-venv:$REMOTE_VENV" "log:$LOG" "data-to:$DATA_TO" \
     "remote-python:${REMOTE_PYTHON:-python3}"; do
     [[ ${pair#*:} =~ ^[A-Za-z0-9_./-]+$ ]] ||
         dvp_die "--${pair%%:*} '${pair#*:}' may hold only letters, digits and _ . / -"
 done
 for kv in "${REMOTE_ENV[@]}"; do
-    [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || dvp_die "--env wants NAME=VALUE, not '$kv'"
+    [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*(=|$) ]] || dvp_die "--env wants NAME=VALUE or NAME, not '${kv%%=*}=...'"
+    if [[ $kv != *=* && -z ${!kv+set} ]]; then
+        dvp_die "--env $kv: $kv is not set in this shell's environment"
+    fi
+done
+for word in "$GIT_URL" "$GIT_REF"; do
+    [[ $word != -* ]] || dvp_die "--git-url / --git-ref must not start with '-'"
 done
 if [[ -z $RUNTIME_VERSION ]]; then
     case $ACCELERATOR_TYPE in
@@ -195,7 +220,15 @@ do_create() {
         --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION")
     ((SPOT)) && cmd+=(--spot)
     ((PREEMPTIBLE)) && cmd+=(--preemptible)
-    dvp_run "${cmd[@]}" "${CREATE_ARGS[@]}"
+    dvp_run "${cmd[@]}" --labels="$OWNER_LABEL" "${CREATE_ARGS[@]}"
+    CREATED_HERE=1
+}
+
+# A remote shell snippet that deletes folder $1, unless it exists without our marker (was not
+# made by this script): then it stops, deleting nothing. Whoever recreates it adds the marker.
+remove_own_dir() {
+    printf 'if [ -e %s ] && [ ! -e %s/%s ]; then echo "%s: refusing to delete %s: not made by tpu_vm.sh (no %s in it); choose another --remote-dir" >&2; exit 1; fi; rm -rf %s' \
+        "$1" "$1" "$MARKER" "$DVP_PROG" "$1" "$MARKER" "$1"
 }
 
 do_setup() {
@@ -205,13 +238,13 @@ do_setup() {
         for p in setup.py README.md pyproject.toml dvp_jax configs launch; do
             [[ -e $REPO_ROOT/$p ]] && paths+=("$REPO_ROOT/$p")
         done
-        on_workers all "rm -rf $R_DIR/dvp_jax $R_DIR/configs $R_DIR/launch && mkdir -p $R_DIR"
+        on_workers all "$(remove_own_dir "$R_DIR") && mkdir -p $R_DIR && touch $R_DIR/$MARKER"
         dvp_run "${GCLOUD_TPU[@]}" scp --recurse "${paths[@]}" "$TPU_NAME:$REMOTE_DIR" \
             "${LOCATION[@]}" --worker=all
     else
         local checkout=''
-        [[ -n $GIT_REF ]] && checkout=" && git -C $R_DIR checkout $(dvp_quote "$GIT_REF")"
-        on_workers all "rm -rf $R_DIR && git clone $(dvp_quote "$GIT_URL") $R_DIR$checkout"
+        [[ -n $GIT_REF ]] && checkout=" && git -C $R_DIR checkout $(dvp_quote "$GIT_REF") --"
+        on_workers all "$(remove_own_dir "$R_DIR") && git clone -- $(dvp_quote "$GIT_URL") $R_DIR && touch $R_DIR/$MARKER$checkout"
     fi
     local pick_python
     # shellcheck disable=SC2016  # $c and $PY belong to the remote shell.
@@ -244,18 +277,59 @@ check_run_args() {
     fi
 }
 
+# write_env_file FILE: `export NAME=VALUE` lines of the --env variables (xtrace off: the
+# values must not reach a shell trace).
+write_env_file() {
+    local xtrace=${-//[^x]/} kv name
+    { set +x; } 2>/dev/null
+    (
+        umask 077
+        : > "$1"
+        for kv in "${REMOTE_ENV[@]}"; do
+            name=${kv%%=*}
+            if [[ $kv == *=* ]]; then
+                printf 'export %s=%s\n' "$name" "$(dvp_quote "${kv#*=}")" >> "$1"
+            else
+                printf 'export %s=%s\n' "$name" "$(dvp_quote "${!name}")" >> "$1"
+            fi
+        done
+    )
+    if [[ -n $xtrace ]]; then set -x; fi
+}
+
+# send_env_file: copies the --env values to every worker in a private file (never in argv).
+send_env_file() {
+    local names=() kv
+    for kv in "${REMOTE_ENV[@]}"; do names+=("${kv%%=*}"); done
+    if [[ $DRY_RUN == 1 ]]; then
+        dvp_comment "ENV_FILE: a private temporary file with ${names[*]} (values not shown)"
+        dvp_run "${GCLOUD_TPU[@]}" scp ENV_FILE "$TPU_NAME:${R_ENV_FILE#\~/}" "${LOCATION[@]}" --worker=all
+        return
+    fi
+    local file
+    file=$(mktemp "${TMPDIR:-/tmp}/dvp_env.XXXXXX")
+    write_env_file "$file"
+    local rc=0
+    dvp_run "${GCLOUD_TPU[@]}" scp "$file" "$TPU_NAME:${R_ENV_FILE#\~/}" "${LOCATION[@]}" --worker=all || rc=$?
+    rm -f "$file"
+    return "$rc"
+}
+
 do_run() {
     local main=(-m dvp_jax.main --distributed="$DISTRIBUTED")
     if [[ -n $WORKDIR ]]; then main+=(--workdir="$WORKDIR"); fi
     main+=("${MAIN_ARGS[@]}")
     # Every word quoted for the remote shell, except the $HOME-relative paths (for ~).
-    local remote=''
-    if ((${#REMOTE_ENV[@]})); then remote+="$(dvp_quote env "${REMOTE_ENV[@]}") "; fi
-    remote+="$R_VENV/bin/python $(dvp_quote "${main[@]}")"
+    local env_prefix='' remote
+    if ((${#REMOTE_ENV[@]})); then
+        send_env_file
+        env_prefix="chmod 600 $R_ENV_FILE && set -a && . $R_ENV_FILE && set +a && rm -f $R_ENV_FILE && "
+    fi
+    remote="$R_VENV/bin/python $(dvp_quote "${main[@]}")"
     if ((DETACH)); then
         remote="nohup $remote > $R_LOG 2>&1 < /dev/null &"
     fi
-    on_workers all "cd $R_DIR && $remote"
+    on_workers all "cd $R_DIR && $env_prefix$remote"
     if ((DETACH)) && [[ $DRY_RUN != 1 ]]; then
         dvp_log "started in the background; follow it with: $0 logs --name=$TPU_NAME --zone=$ZONE"
     fi
@@ -265,7 +339,30 @@ do_logs() {
     on_workers 0 "tail -n 200 -F $R_LOG"
 }
 
+# owned_slice: whether the slice carries the label `create` gives it.
+owned_slice() {
+    local labels
+    labels=$("${GCLOUD_TPU[@]}" describe "$TPU_NAME" "${LOCATION[@]}" \
+        --format='value(labels.created-by)' 2>/dev/null) || return 1
+    [[ $labels == "${OWNER_LABEL#*=}" ]]
+}
+
 do_delete() {
+    if ((!CREATED_HERE && !FORCE_DELETE)); then
+        if [[ $DRY_RUN == 1 ]]; then
+            dvp_log "delete: only if slice $TPU_NAME carries the label $OWNER_LABEL (made by create), else it asks"
+        elif ! owned_slice; then
+            local answer=''
+            if [[ -t 0 ]]; then
+                read -r -p "Slice $TPU_NAME was not created by tpu_vm.sh (no label $OWNER_LABEL). Delete it anyway? [y/N] " answer
+            fi
+            if [[ $answer != [yY]* ]]; then
+                printf '%s: error: not deleting slice %s: it was not created by tpu_vm.sh (no label %s); pass --force-delete if it is yours\n' \
+                    "$DVP_PROG" "$TPU_NAME" "$OWNER_LABEL" >&2
+                return 2
+            fi
+        fi
+    fi
     dvp_run "${GCLOUD_TPU[@]}" delete "$TPU_NAME" "${LOCATION[@]}" --quiet
 }
 
@@ -289,7 +386,9 @@ fi
 on_exit() {
     local rc=$?
     trap - EXIT
-    do_delete || rc=$((rc ? rc : 1))
+    local deleted=0
+    do_delete || deleted=$?
+    rc=$((rc ? rc : deleted))
     exit "$rc"
 }
 arm_delete() {

@@ -43,3 +43,27 @@ def test_benchmark_input_modes_and_end_to_end_train(capsys):
     assert train["input"] == "device" and train["transform"] == "train_crop_flip"
     assert train["images_per_s"] > 0 and train["step_only_images_per_s"] > 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_input_benchmark_never_writes_into_existing_data(tmp_path):
+    """--jpeg_dir pointing at a data set is refused untouched; the default folder is removed."""
+    import os
+
+    import pytest
+
+    from dvp_jax import errors
+    data = tmp_path / "imagenet" / "train" / "n01"
+    os.makedirs(data)
+    (data / "00000.jpg").write_bytes(b"precious")
+    with pytest.raises(errors.UserError, match=r"exists and is not empty"):
+        benchmark.main(["input", "--jpeg_dir", str(tmp_path / "imagenet"), "--batch", "8"])
+    assert (data / "00000.jpg").read_bytes() == b"precious"
+    assert os.listdir(tmp_path / "imagenet" / "train") == ["n01"]
+
+    with benchmark._benchmark_jpegs("", num_images=2) as folder:
+        assert len(os.listdir(os.path.join(folder, "train"))) == 2
+    assert not os.path.exists(folder)
+    kept = tmp_path / "kept"
+    with benchmark._benchmark_jpegs(str(kept), num_images=2) as folder:
+        pass
+    assert sorted(os.listdir(kept / "train")) == ["class00", "class01"]

@@ -158,9 +158,13 @@ def test_folder_formats_become_uint8_rgb_and_bad_files_are_skipped(folder_root, 
         src = sources.get_source(c)
         info = src.info("train")
     assert info == sources.SplitInfo(2 * GOOD + 4, 2, ("cat", "dog"))
-    warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
-    assert len(warnings) == 1 and "skipped 2 unreadable" in warnings[0]
+    warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(warnings) == 1 and "skipped 3 file(s)" in warnings[0]
+    assert "2 undecodable" in warnings[0] and "1 unknown extension" in warnings[0]
     assert "notes.jpg" in warnings[0] and "truncated.jpg" in warnings[0]
+    assert "readme.txt" in warnings[0]
+    assert {r: len(v) for r, v in src.skipped("train").items()} == {
+        sources.UNDECODABLE: 2, sources.UNKNOWN_EXTENSION: 1}
     elements = _elements(src.dataset("train"))
     assert len(elements) == info.num_examples
     _check_elements(elements, 2)
@@ -178,22 +182,92 @@ def test_folder_formats_become_uint8_rgb_and_bad_files_are_skipped(folder_root, 
     assert src.info("train+val").num_examples == 4 * GOOD + 4
 
 
-def test_folder_cached_validation_writes_and_reuses_index(tmp_path):
-    root = str(tmp_path)
+def test_folder_cached_validation_writes_and_reuses_index_outside_the_data(tmp_path, monkeypatch):
+    root = str(tmp_path / "data")
     _make_folder(root)
+    before = sorted(os.listdir(root))
     c = _config(f"folder:{root}")  # folder_validate='cached' is the default.
-    assert sources.get_source(c).info("train").num_examples == 2 * GOOD + 4
-    with open(os.path.join(root, sources.FolderSource.CACHE_NAME)) as f:
+    src = sources.get_source(c)
+    assert src.info("train").num_examples == 2 * GOOD + 4
+    assert sorted(os.listdir(root)) == before  # Nothing written into the data set.
+    assert src.cache_path().startswith(os.environ["XDG_CACHE_HOME"])
+    with open(src.cache_path()) as f:
         checked = json.load(f)["files"]
-    assert checked[os.path.join("train", "dog", "notes.jpg")][2] is False
-    assert checked[os.path.join("train", "cat", "0.jpg")][2] is True
+    assert checked[os.path.join(root, "train", "dog", "notes.jpg")][2] == sources.UNDECODABLE
+    assert checked[os.path.join(root, "train", "cat", "0.jpg")][2] == "ok"
+    assert not [n for n in os.listdir(os.path.dirname(src.cache_path())) if n.endswith(".tmp")]
+    # The second start decodes nothing: every file comes from the cache.
     sources.FolderSource._listing_cache.clear()
+    monkeypatch.setattr(sources, "check_image_files", lambda *a: pytest.fail("re-checked"))
     assert sources.get_source(c).info("train").num_examples == 2 * GOOD + 4
+
+
+def test_folder_read_errors_are_counted_but_never_cached(tmp_path, monkeypatch):
+    """A file that cannot be read this time (e.g. an NFS hiccup) is skipped now, checked again
+    next start, and used once it reads; broken symlinks are counted too."""
+    root = str(tmp_path / "data")
+    _make_folder(root, special=False)
+    flaky = os.path.join(root, "train", "cat", "0.jpg")
+    os.symlink(os.path.join(root, "gone.jpg"), os.path.join(root, "train", "cat", "link.jpg"))
+    real_check = sources.check_image_files
+
+    def failing_once(paths, max_pixels):
+        result = real_check(paths, max_pixels)
+        if flaky in result:
+            result[flaky] = (sources.READ_ERROR, -1)
+        return result
+
+    monkeypatch.setattr(sources, "check_image_files", failing_once)
+    src = sources.get_source(_config(f"folder:{root}"))
+    assert src.info("train").num_examples == 2 * GOOD - 1
+    assert src.skipped("train") == {sources.BROKEN_LINK: [os.path.join(root, "train", "cat", "link.jpg")],
+                                    sources.READ_ERROR: [flaky]}
+    with open(src.cache_path()) as f:
+        assert flaky not in json.load(f)["files"]
+    monkeypatch.setattr(sources, "check_image_files", real_check)
+    sources.FolderSource._listing_cache.clear()
+    assert sources.get_source(_config(f"folder:{root}")).info("train").num_examples == 2 * GOOD
+
+
+def _png_bomb(side: int) -> bytes:
+    """A tiny PNG file of side x side black pixels (compresses ~1000:1)."""
+    return _encode(Image.new("L", (side, side)), "PNG", optimize=True)
+
+
+def test_decompression_bombs_are_skipped_and_counted_never_decoded(tmp_path):
+    root = str(tmp_path / "data")
+    _make_folder(root, special=False)
+    bomb = _png_bomb(3000)  # 9 M pixels = 27 MB decoded, from a file of about 10 kB.
+    assert len(bomb) < 20_000
+    _write(os.path.join(root, "train", "dog", "bomb.png"), bomb)
+    c = _config(f"folder:{root}", max_image_pixels=1_000_000)
+    src = sources.get_source(c)
+    assert src.info("train").num_examples == 2 * GOOD
+    assert list(src.skipped("train")) == [sources.TOO_LARGE]
+    with pytest.raises(DataError, match=r"bomb.png: larger than input.max_image_pixels"):
+        sources.get_source(_config(f"folder:{root}", max_image_pixels=1_000_000,
+                                   strict=True)).info("train")
+    # The decoder itself refuses it (runtime path, e.g. folder_validate='none' or TFDS).
+    with pytest.raises(tf.errors.InvalidArgumentError, match="max_image_pixels=1000000"):
+        sources.decode_image_bytes(tf.constant(bomb), 1_000_000)
+    # A larger cap admits it (the cache remembers pixels, not a verdict).
+    sources.FolderSource._listing_cache.clear()
+    assert sources.get_source(_config(f"folder:{root}", max_image_pixels=10_000_000)
+                              ).info("train").num_examples == 2 * GOOD + 1
+
+
+@pytest.mark.parametrize("fmt, kw", [("JPEG", {}), ("PNG", {}), ("GIF", {}), ("BMP", {}),
+                                     ("WEBP", {"lossless": True}), ("WEBP", {"quality": 80})])
+def test_header_pixel_count_matches_the_image(fmt, kw):
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (37, 53, 3), np.uint8))
+    data = _encode(image, fmt, **kw)
+    assert int(sources.encoded_image_pixels(tf.constant(data))) == 37 * 53
+    assert int(sources.encoded_image_pixels(tf.constant(b"not an image"))) == -1
 
 
 def test_folder_strict_names_the_bad_file(folder_root):
     c = _config(f"folder:{folder_root}", strict=True, folder_validate="decode")
-    with pytest.raises(DataError, match=r"cannot decode .*notes\.jpg.*input\.strict=True"):
+    with pytest.raises(DataError, match=r"cannot use .*notes\.jpg: undecodable.*input\.strict=True"):
         sources.get_source(c).info("train")
 
 

@@ -196,3 +196,21 @@ def test_zero_per_class_keeps_plain_tfds_and_config_keys(data_dir):
     assert (config.input.tfds_train_per_class, config.input.tfds_val_per_class) == (50, 50)
     assert (config.input.train_split, config.input.eval_split) == ("train", "val")
     assert tuple(config.eval_splits) == ("val", "test")
+
+
+def test_startup_reads_labels_only_and_keeps_one_copy_of_the_images(data_dir, monkeypatch):
+    """Labels come without decoding an image; the encoded images live once, in Python (not
+    also as a tf.constant and inside the serialized tf.data graph)."""
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded while reading labels")
+
+    with monkeypatch.context() as m:
+        m.setattr(tfds.features.Image, "decode_example", no_decoding)
+        src = sources.TfdsSubsetSource("dvp_fake_subset_images", _config(data_dir, seed=11))
+    assert src.info("train").num_examples == 12
+    ds = src.dataset("train")
+    elements = _elements(ds)
+    assert len(elements) == 12 and elements[0]["image"].shape == (5, 4, 3)
+    graph = ds._as_serialized_graph().numpy()
+    encoded = src._encoded["train"]
+    assert len(encoded) == 12 and not any(bytes(e) in graph for e in encoded)

@@ -88,3 +88,46 @@ def test_errors_are_clear(imagenet, tmp_path):
         vipriors.build_subset(train_dir, str(tmp_path / "o3"), file_lists=str(lists))
     assert vipriors.main(["--imagenet_train", str(tmp_path / "nowhere"), "--out",
                           str(tmp_path / "o4")]) == 2
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("n01440764/../../secret.JPEG", r"train.txt line 2: .*'\.\.'"),
+    ("/etc/passwd", r"train.txt line 2: .*absolute"),
+    ("n01440764/n01440764_train_0000.JPEG", r"train.txt line 2: .* listed twice \(first on line 1\)"),
+])
+def test_file_lists_refuse_escapes_and_duplicates_naming_the_line(imagenet, tmp_path, capsys,
+                                                                  bad_line, message):
+    train_dir, _ = imagenet
+    (tmp_path / "secret.JPEG").write_bytes(_tiny_jpeg(1))
+    lists = tmp_path / "lists"
+    os.makedirs(lists)
+    (lists / "train.txt").write_text(f"n01440764/n01440764_train_0000.JPEG\n{bad_line}\n")
+    (lists / "val.txt").write_text("n01440764/n01440764_train_0001.JPEG\n")
+    out = tmp_path / "out"
+    with pytest.raises(vipriors.BuildError, match=message):
+        vipriors.build_subset(train_dir, str(out), file_lists=str(lists), copy=True)
+    assert vipriors.main(["--imagenet_train", train_dir, "--out", str(out), "--file_lists",
+                          str(lists), "--copy"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["lists", "secret.JPEG"]
+
+
+def test_symlink_escaping_the_source_tree_is_refused_and_nothing_half_built(imagenet, tmp_path):
+    """A class folder that is a symlink to elsewhere: refused, and no OUT is left behind."""
+    train_dir, _ = imagenet
+    outside = tmp_path / "outside"
+    os.makedirs(outside)
+    (outside / "x.JPEG").write_bytes(_tiny_jpeg(3))
+    tree = tmp_path / "tree"
+    os.makedirs(tree / "n01")
+    (tree / "n01" / "a.JPEG").write_bytes(_tiny_jpeg(4))
+    os.symlink(outside, tree / "n02")
+    lists = tmp_path / "lists"
+    os.makedirs(lists)
+    (lists / "train.txt").write_text("n01/a.JPEG\nn02/x.JPEG\n")
+    (lists / "val.txt").write_text("")
+    out = tmp_path / "out"
+    with pytest.raises(vipriors.BuildError, match=r"'n02/x.JPEG' resolves to .*outside"):
+        vipriors.build_subset(str(tree), str(out), file_lists=str(lists))
+    assert not out.exists()
+    assert not [d for d in os.listdir(tmp_path) if "building" in d]  # Staging folder removed.

@@ -185,7 +185,8 @@ def test_tpu_environment_variables_are_defaults(box):
     (create,) = box.dry(TPU, "create", TPU_NAME="other", ZONE="europe-west4-a",
                         ACCELERATOR_TYPE="v3-32", SPOT="1")
     assert create[5:] == ["other", "--zone=europe-west4-a", "--accelerator-type=v3-32",
-                          "--version=tpu-ubuntu2204-base", "--spot"]
+                          "--version=tpu-ubuntu2204-base", "--spot",
+                          "--labels=created-by=dvp-jax-tpu-vm"]
     # DRY_RUN=1 is --dry-run.
     proc = box.run(TPU, "delete", DRY_RUN="1")
     assert proc.returncode == 0 and not box.marker.exists()
@@ -197,18 +198,21 @@ def test_tpu_git_source_and_data_copy(box):
                     "--git-ref=v1.0", "--data-from=gs://bucket/vipriors")
     assert not any("scp" in t for t in lines)
     clone, install, data = (_remote_text(t) for t in lines)
-    assert "git clone https://example.com/dvp_jax.git ~/dvp_jax" in clone
-    assert "git -C ~/dvp_jax checkout v1.0" in clone
+    assert "git clone -- https://example.com/dvp_jax.git ~/dvp_jax" in clone
+    assert "git -C ~/dvp_jax checkout v1.0 --" in clone
     assert "pip install -e '.[tpu]'" in install
     assert "gcloud storage rsync --recursive gs://bucket/vipriors ~/dvp_jax/data/vipriors" in data
     assert all("--worker=all" in t for t in lines)
 
 
 def test_tpu_run_detached_and_logs(box):
-    run, logs = box.dry(TPU, "run", "logs", "--detach", "--workdir=gs://b/w",
-                        "--env=TF_CPP_MIN_LOG_LEVEL=1", "--", *MAIN)
+    send_env, run, logs = box.dry(TPU, "run", "logs", "--detach", "--workdir=gs://b/w",
+                                  "--env=TF_CPP_MIN_LOG_LEVEL=1", "--", *MAIN)
+    assert send_env[4] == "scp" and "dvp:.dvp_run_env" in send_env
     remote = _remote_text(run)
-    assert remote.startswith("cd ~/dvp_jax && nohup env TF_CPP_MIN_LOG_LEVEL=1 ~/dvp_venv/bin/python")
+    assert remote.startswith("cd ~/dvp_jax && chmod 600 ~/.dvp_run_env && set -a && "
+                             ". ~/.dvp_run_env && set +a && rm -f ~/.dvp_run_env && "
+                             "nohup ~/dvp_venv/bin/python")
     assert remote.endswith("> ~/dvp_run.log 2>&1 < /dev/null &")
     assert "--worker=0" in logs and "tail -n 200 -F ~/dvp_run.log" == _remote_text(logs)
 
@@ -547,3 +551,88 @@ def test_shellcheck_is_clean(tmp_path):
 def test_scripts_are_executable(script):
     """launch/README.md runs them as `launch/tpu_vm.sh ...`."""
     assert os.access(script, os.X_OK), f"chmod +x {script.relative_to(REPO)}"
+
+
+# ------------------------------------------------------------- tpu_vm.sh: safety (issue 16)
+
+SECRET = "hunter2-s3cr3t"
+
+
+@pytest.mark.parametrize("remote_dir", ["/home/me", "..", "a/../..", "a//b", "./x"])
+def test_tpu_remote_dir_outside_home_is_refused(box, remote_dir):
+    proc = box.run(TPU, "--dry-run", "setup", "--source=git", "--git-url=https://e.com/r.git",
+                   REMOTE_DIR=remote_dir)
+    assert proc.returncode == 2 and "must be a relative path under $HOME" in proc.stderr
+    assert proc.stdout == "" and not box.marker.exists()
+
+
+def test_tpu_setup_deletes_only_a_folder_it_made(box, tmp_path):
+    """The remote snippet, run here in a fake $HOME: a foreign folder survives, ours is
+    replaced."""
+    clean, *_ = box.dry(TPU, "setup", "--remote-dir=proj")
+    snippet = _remote_text(clean)
+    home = tmp_path / "remote_home"
+    (home / "proj").mkdir(parents=True)
+    (home / "proj" / "thesis.tex").write_text("years of work")
+    run = subprocess.run(["sh", "-c", snippet], env={"HOME": str(home), "PATH": os.environ["PATH"]},
+                         capture_output=True, text=True)
+    assert run.returncode == 1 and "refusing to delete ~/proj: not made by tpu_vm.sh" in run.stderr
+    assert (home / "proj" / "thesis.tex").read_text() == "years of work"
+    (home / "proj" / "thesis.tex").unlink()
+    (home / "proj").rmdir()
+    for _ in range(2):  # Made, then replaced (it carries the marker now).
+        run = subprocess.run(["sh", "-c", snippet], env={"HOME": str(home), "PATH": os.environ["PATH"]},
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert os.listdir(home / "proj") == [".dvp_jax_tpu_vm"]
+
+
+def test_tpu_git_words_cannot_become_options(box):
+    proc = box.run(TPU, "--dry-run", "setup", "--source=git", "--git-url=--upload-pack=evil")
+    assert proc.returncode == 2 and "must not start with '-'" in proc.stderr
+
+
+def test_tpu_env_secrets_are_never_printed_nor_on_command_lines(box, tmp_path):
+    args = ["run", "--workdir=gs://b/w", "--env=API_TOKEN", "--", *MAIN]
+    dry = subprocess.run([BASH, "-x", str(TPU), "--dry-run", *args], cwd=box.root,
+                         env=box.env(API_TOKEN=SECRET), capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert SECRET not in dry.stdout and SECRET not in dry.stderr  # Nor in the shell trace.
+    assert "API_TOKEN" in dry.stdout
+    copied = tmp_path / "copied_env"
+    box.recording("gcloud", body=f"""
+if "scp" in argv:
+    import shutil
+    shutil.copy(argv[argv.index("scp") + 1], {str(copied)!r})
+""")
+    proc = subprocess.run([BASH, "-x", str(TPU), *args], cwd=box.root,
+                          env=box.env(API_TOKEN=SECRET), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert SECRET not in proc.stdout and SECRET not in proc.stderr
+    calls = [c["argv"] for c in box.recorded()]
+    assert [c[4] for c in calls] == ["scp", "ssh"]
+    assert not any(SECRET in word for c in calls for word in c)  # No command line holds it.
+    assert copied.read_text() == f"export API_TOKEN={SECRET}\n"
+    assert not os.path.exists(calls[0][5])  # The local temporary file is gone.
+    assert "rm -f ~/.dvp_run_env" in _remote_text(calls[1])
+    # A name that is not set here is refused before anything happens.
+    proc = box.run(TPU, "--dry-run", *args)
+    assert proc.returncode == 2 and "API_TOKEN is not set" in proc.stderr
+
+
+def test_tpu_delete_only_a_slice_it_created(box):
+    # No label (someone else's slice, same default name): refused, nothing deleted.
+    box.recording("gcloud", body='print("")')
+    proc = box.run(TPU, "delete")
+    assert proc.returncode == 2 and "not deleting slice dvp" in proc.stderr
+    assert [c["argv"][4] for c in box.recorded()] == ["describe"]
+    # --force-delete: deleted without asking.
+    box.calls.unlink()
+    proc = box.run(TPU, "delete", "--force-delete")
+    assert proc.returncode == 0 and [c["argv"][4] for c in box.recorded()] == ["delete"]
+    # Our label: deleted.
+    box.calls.unlink()
+    box.recording("gcloud", body='print("dvp-jax-tpu-vm") if "describe" in argv else None')
+    proc = box.run(TPU, "run", "--delete", "--workdir=gs://b/w", "--", *MAIN)
+    assert proc.returncode == 0, proc.stderr
+    assert [c["argv"][4] for c in box.recorded()] == ["ssh", "describe", "delete"]

@@ -71,3 +71,32 @@ def test_an_interrupted_stage_resumes(finished, tmp_path):
     results = train.train_and_evaluate(config, copy)
     assert os.path.exists(os.path.join(copy, "seed_0", "distill", "done.json"))
     assert [r["stage"] for r in results] == list(STAGES)
+
+
+def test_top_level_loop_overrides_reach_every_stage():
+    config = pipeline_configs.get_config("runlocal")
+    own = {s: pipeline.stage_config(config, s, 0, "/w").loop.to_dict() for s in STAGES}
+    assert all(own[s] == config.stages[s].loop.to_dict() for s in STAGES)  # Unset: stage's own.
+    config.loop.checkpoint_every_steps = 7
+    config.loop.allow_config_change = True
+    for s in STAGES:
+        c = pipeline.stage_config(config, s, 0, "/w")
+        assert c.loop.checkpoint_every_steps == 7 and c.loop.allow_config_change
+        assert c.loop.log_every_steps == own[s]["log_every_steps"]
+
+
+def test_a_finished_stage_with_a_changed_config_is_not_skipped(tmp_path):
+    from dvp_jax import loop
+    config = pipeline_configs.get_config("runlocal")
+    c = pipeline.stage_config(config, "linear", 0, str(tmp_path))
+    stage_dir = str(tmp_path / "seed_0" / "linear")
+    os.makedirs(stage_dir)
+    record = {"stage": "linear", "accuracy": {"val": 50.0}}
+    json.dump(record, open(os.path.join(stage_dir, "done.json"), "w"))
+    assert pipeline.finished_record(stage_dir, c) is None  # No saved config: cannot tell.
+    json.dump(loop.config_to_dict(c), open(os.path.join(stage_dir, "config.json"), "w"))
+    assert pipeline.finished_record(stage_dir, c) == record
+    c.loop.log_every_steps = 3  # A change the loop resumes with: still finished.
+    assert pipeline.finished_record(stage_dir, c) == record
+    c.optim.base_lr = c.optim.base_lr * 2  # A result-changing change: run again.
+    assert pipeline.finished_record(stage_dir, c) is None

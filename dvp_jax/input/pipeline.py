@@ -169,6 +169,7 @@ def make_train_dataset(input_config, split: str, transform: str, *, global_batch
         ds = ds.skip(step_in_epoch * local_batch)  # Encoded records: not decoded.
         ds = ds.map(_graph_fn(lambda epoch, el: output_fn(epoch, source.decode(el))),
                     num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = ds.ignore_errors(log_warning=True)  # Undecodable or over input.max_image_pixels.
     ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE)
     return ds.with_options(_options(input_config))
 

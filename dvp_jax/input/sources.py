@@ -21,6 +21,10 @@ Kinds of source:
   * ``TfdsSubsetSource`` ('tfds:NAME' with ``input.tfds_train_per_class`` > 0): VIPriors-style
     per-class 'train' / 'val' subsets of the TFDS train split, held encoded in memory (an
     ``IndexedSource``); 'test' is the full TFDS 'test' (or 'validation') split.
+
+Decompression bombs: every decoder call refuses images whose header says more than
+``input.max_image_pixels`` pixels (before decoding); such files are skipped and counted
+(folder sources) or dropped like undecodable records (TFDS).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import dataclasses
 import json
 import os
 import re
+import tempfile
 import zlib
 from typing import Callable
 
@@ -268,28 +273,121 @@ class SyntheticSource(IndexedSource):
 # ----------------------------------------------------------------------------------------------
 # folder:PATH -- PATH/<split>/<class>/*.JPEG (torchvision ImageFolder layout).
 
-def decode_image_bytes(data: tf.Tensor) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> uint8 [H, W, 3] (gray, RGBA, CMYK, 16-bit -> RGB)."""
-    image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # input.max_image_pixels: 120 MB as decoded RGB uint8.
+
+
+def _header_bytes(data: tf.Tensor, n: int = 32) -> tf.Tensor:
+    """The first ``n`` bytes of ``data`` (zero-padded) as int64 [n]."""
+    head = tf.strings.substr(tf.strings.join([data, tf.constant(b"\0" * n)]), 0, n)
+    return tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+
+
+def encoded_image_pixels(data: tf.Tensor) -> tf.Tensor:
+    """Width x height (int64 []) of encoded JPEG / PNG / GIF / BMP / WebP bytes, read from the
+    header without decoding; -1 for other or unparsable data (the decoder then decides)."""
+    b = _header_bytes(data)
+
+    def le(i, k):
+        return sum(b[i + j] * (256 ** j) for j in range(k))
+
+    def be(i, k):
+        return sum(b[i + j] * (256 ** (k - 1 - j)) for j in range(k))
+
+    def magic(i, text):
+        return tf.reduce_all(tf.equal(b[i:i + len(text)], tf.constant(list(text), tf.int64)))
+
+    bmp_h = le(22, 4)
+    bmp_h = tf.abs(tf.where(bmp_h >= 2 ** 31, bmp_h - 2 ** 32, bmp_h))
+    vp8l_w = 1 + ((b[22] % 64) * 256 + b[21])
+    vp8l_h = 1 + ((b[24] % 16) * 1024 + b[23] * 4 + b[22] // 64)
+    webp = magic(0, b"RIFF") & magic(8, b"WEBP")
+    pixels = tf.constant(-1, tf.int64)
+    pixels = tf.where(magic(0, b"\x89PNG"), be(16, 4) * be(20, 4), pixels)
+    pixels = tf.where(magic(0, b"GIF8"), le(6, 2) * le(8, 2), pixels)
+    pixels = tf.where(magic(0, b"BM"), le(18, 4) * bmp_h, pixels)
+    pixels = tf.where(webp & magic(12, b"VP8X"), (le(24, 3) + 1) * (le(27, 3) + 1), pixels)
+    pixels = tf.where(webp & magic(12, b"VP8 "), (le(26, 2) % 16384) * (le(28, 2) % 16384), pixels)
+    pixels = tf.where(webp & magic(12, b"VP8L"), vp8l_w * vp8l_h, pixels)
+    return tf.cond(magic(0, b"\xff\xd8"),
+                   lambda: tf.reduce_prod(tf.cast(tf.image.extract_jpeg_shape(data)[:2], tf.int64)),
+                   lambda: pixels)
+
+
+def decode_image_bytes(data: tf.Tensor, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP/WebP bytes -> uint8 [H, W, 3] (gray, RGBA, CMYK, 16-bit -> RGB).
+
+    An image whose header says more than ``max_pixels`` pixels (a decompression bomb: a 62 kB
+    PNG can hold 64 M pixels = 192 MB decoded) raises InvalidArgumentError before decoding;
+    pipelines drop such elements like any undecodable one.
+    """
+    pixels = encoded_image_pixels(data)
+    check = tf.debugging.assert_less_equal(
+        pixels, tf.constant(int(max_pixels), tf.int64),
+        message=f"image larger than input.max_image_pixels={int(max_pixels)}")
+    with tf.control_dependencies([check]):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
     image.set_shape([None, None, 3])
     return image
 
 
-def _undecodable(paths: list[str]) -> set[str]:
-    """The paths that tf.io.decode_image (the decoder the pipeline uses) cannot decode."""
+# Why a folder-source file is not used (FolderSource.skipped); the first four stop a strict run.
+UNDECODABLE, TOO_LARGE, READ_ERROR, BROKEN_LINK, UNKNOWN_EXTENSION = (
+    "undecodable", "larger than input.max_image_pixels", "read error (not remembered)",
+    "broken symlink", "unknown extension")
+
+
+def check_image_files(paths: list[str], max_pixels: int) -> dict[str, tuple[str, int]]:
+    """{path: (status, pixels)} for every path; status 'ok', UNDECODABLE, TOO_LARGE or READ_ERROR.
+
+    One parallel tf.data pass (the decoder the pipeline uses; images over ``max_pixels`` by their
+    header are not decoded). Files that fail there are retried one by one, so a read error
+    (I/O, permissions: possibly transient) is told apart from undecodable content.
+    """
     if not paths:
-        return set()
+        return {}
 
     def check(i, path):
-        image = decode_image_bytes(tf.io.read_file(path))
-        return i, tf.shape(image)  # Returning the shape keeps the decode from being pruned.
+        data = tf.io.read_file(path)
+        pixels = encoded_image_pixels(data)
+        decodable = tf.cond(pixels > max_pixels, lambda: tf.constant(False),
+                            lambda: tf.size(decode_image_bytes(data, max_pixels)) >= 0)
+        return i, pixels, decodable
 
     ds = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), paths))
     ds = ds.map(check, num_parallel_calls=AUTOTUNE, deterministic=False).ignore_errors()
-    ok = np.zeros(len(paths), bool)
-    for ids, _ in ds.batch(4096).as_numpy_iterator():
-        ok[ids] = True
-    return {p for p, good in zip(paths, ok) if not good}
+    result = {}
+    done, every = 0, max(1, len(paths) // 10)
+    for ids, pixels, ok in ds.batch(1024).as_numpy_iterator():
+        for i, px, good in zip(ids.tolist(), pixels.tolist(), ok.tolist()):
+            result[paths[i]] = ("ok" if good else TOO_LARGE, px)
+        if len(paths) >= 10_000 and (done + len(ids)) // every > done // every:
+            logging.info("folder source: checked %d / %d files.", done + len(ids), len(paths))
+        done += len(ids)
+    for path in paths:
+        if path in result:
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            result[path] = (READ_ERROR, -1)
+            continue
+        try:
+            pixels = int(encoded_image_pixels(tf.constant(data)))
+            if pixels > max_pixels:
+                result[path] = (TOO_LARGE, pixels)
+                continue
+            decode_image_bytes(tf.constant(data), max_pixels)
+            result[path] = ("ok", pixels)  # Failed before, decodes now: a transient error.
+        except (tf.errors.OpError, ValueError):
+            result[path] = (UNDECODABLE, -1)
+    return result
+
+
+def user_cache_dir() -> str:
+    """$XDG_CACHE_HOME/dvp_jax (default ~/.cache/dvp_jax): caches that never go into data sets."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dvp_jax")
 
 
 class FolderSource(IndexedSource):
@@ -297,28 +395,32 @@ class FolderSource(IndexedSource):
 
     Class names: the sorted sub-folders of ``PATH/train``; label = position in that list. Every
     other split must have exactly the same class folders. Within a split, examples are ordered
-    by class, then by file name. Files whose names do not end in one of IMAGE_EXTENSIONS
-    (case-insensitive) are ignored, as are hidden files and folders.
+    by class, then by file name. Hidden files and folders are ignored.
 
-    Unreadable files. With ``input.folder_validate`` = 'cached' (default) or 'decode', every file
-    is decoded once, up front, with the same decoder the pipeline uses (tf.io.decode_image), when
-    a split is first listed. Files that fail (truncated JPEGs, non-images with an image
-    extension) are dropped from the split, and one warning gives their count and a few names;
-    with ``input.strict`` = True the first one stops the run with a DataError naming it.
-    'cached' remembers the outcome per file (size, mtime) in ``PATH/.dvp_jax_checked.json``
-    (written only if PATH is writable), so later runs decode only new or changed files. 'none'
-    skips the check. A file that breaks after the check (or any file with 'none') is dropped at
-    run time by tf.data's ignore_errors (logged by TensorFlow), so an epoch never crashes.
+    Skipped files are counted and reported (one warning per split, ``skipped(split)``): names
+    not ending in one of IMAGE_EXTENSIONS (case-insensitive), broken symlinks, and (with
+    validation) undecodable files, images over ``input.max_image_pixels`` (by their header; never
+    decoded) and files that could not be read. With ``input.strict`` = True any skipped image
+    file (all but unknown extensions) stops the run with a DataError naming it.
+
+    Validation (``input.folder_validate``): 'cached' (default) checks every file once, in
+    parallel, when a split is first listed, and remembers the outcome per file (size, mtime) in
+    a cache file under the user cache dir ($XDG_CACHE_HOME/dvp_jax, never in PATH), so later
+    starts check only new or changed files; read errors (possibly transient) are never
+    remembered. 'decode' checks every start without a cache. 'none' checks nothing up front
+    (lazy): a file that fails is dropped at run time by tf.data's ignore_errors (logged by
+    TensorFlow), as is any file that breaks after the check, so an epoch never crashes.
     """
 
     may_fail_at_runtime = True
-    CACHE_NAME = ".dvp_jax_checked.json"
-    _listing_cache: dict = {}  # (root, split, strict, validate) -> (paths, labels); per process.
+    CACHE_FORMAT = 2
+    _listing_cache: dict = {}  # (root, split, strict, validate, max_pixels) -> listing; per process.
 
     def __init__(self, root: str, input_config):
         self.root = os.path.abspath(os.path.expanduser(root))
         self.strict = bool(input_config.strict)
         self.validate = str(input_config.get("folder_validate", "cached"))
+        self.max_pixels = int(input_config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
         if self.validate not in ("cached", "decode", "none"):
             raise ValueError(f"input.folder_validate={self.validate!r}: use 'cached', 'decode' or 'none'.")
         if not os.path.isdir(self.root):
@@ -354,8 +456,9 @@ class FolderSource(IndexedSource):
             self._class_names = tuple(names)
         return self._class_names
 
-    def _list_files(self, name: str) -> tuple[list[str], list[int]]:
-        """All image files of split ``name`` (before validation), ordered by class then name."""
+    def _list_files(self, name: str) -> tuple[list[str], list[int], dict[str, list[str]]]:
+        """(image files, labels, {reason: skipped paths}) of split ``name`` before validation,
+        ordered by class then name."""
         split_dir = self._split_dir(name)
         classes = self.class_names
         found = self._subfolders(split_dir)
@@ -368,71 +471,101 @@ class FolderSource(IndexedSource):
                 f"{missing[:10]}{' ...' if len(missing) > 10 else ''}; not in train: "
                 f"{extra[:10]}{' ...' if len(extra) > 10 else ''}.")
         paths, labels = [], []
+        skipped = {BROKEN_LINK: [], UNKNOWN_EXTENSION: []}
         for label, cls in enumerate(classes):
             cls_dir = os.path.join(split_dir, cls)
-            files = sorted(f for f in os.listdir(cls_dir) if not f.startswith(".")
-                           and f.lower().endswith(IMAGE_EXTENSIONS)
-                           and os.path.isfile(os.path.join(cls_dir, f)))
+            files = []
+            for f in sorted(os.listdir(cls_dir)):
+                path = os.path.join(cls_dir, f)
+                if f.startswith(".") or os.path.isdir(path):
+                    continue
+                if not os.path.exists(path):  # A symlink to nothing.
+                    skipped[BROKEN_LINK].append(path)
+                elif not f.lower().endswith(IMAGE_EXTENSIONS):
+                    skipped[UNKNOWN_EXTENSION].append(path)
+                else:
+                    files.append(path)
             if not files:
                 raise DataError(f"folder source: class folder {cls_dir} has no image files "
                                 f"(looked for {', '.join(IMAGE_EXTENSIONS)}).")
-            paths += [os.path.join(cls_dir, f) for f in files]
+            paths += files
             labels += [label] * len(files)
-        return paths, labels
+        return paths, labels, skipped
 
-    def _bad_files(self, paths: list[str]) -> set[str]:
+    def cache_path(self) -> str:
+        """The 'cached' validation file of this folder (in the user cache dir, keyed by PATH)."""
+        key = zlib.crc32(self.root.encode("utf-8"))
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.basename(self.root) or "root")
+        return os.path.join(user_cache_dir(), "folder_checks", f"{name}-{key:08x}.json")
+
+    def _statuses(self, paths: list[str]) -> dict[str, str]:
+        """{path: status} (see check_image_files) of every path, using the cache if 'cached'."""
         if self.validate == "none":
-            return set()
+            return {}
         if self.validate == "decode":
-            return _undecodable(paths)
-        cache_path = os.path.join(self.root, self.CACHE_NAME)
+            return {p: st for p, (st, _) in check_image_files(paths, self.max_pixels).items()}
+        cache_path = self.cache_path()
         try:
             with open(cache_path) as f:
-                cache = json.load(f)["files"]
+                saved = json.load(f)
+            cache = saved["files"] if saved.get("format") == self.CACHE_FORMAT else {}
         except (OSError, ValueError, KeyError):
             cache = {}
-        bad, todo, stamps = set(), [], {}
+        statuses, todo, stamps = {}, [], {}
         for p in paths:
             st = os.stat(p)
-            rel = os.path.relpath(p, self.root)
             stamps[p] = [st.st_size, st.st_mtime_ns]
-            entry = cache.get(rel)
-            if entry is not None and entry[:2] == stamps[p]:
-                if not entry[2]:
-                    bad.add(p)
-            else:
+            entry = cache.get(p)
+            if entry is None or entry[:2] != stamps[p]:
+                todo.append(p)
+            elif entry[2] == UNDECODABLE:
+                statuses[p] = UNDECODABLE
+            elif entry[3] > self.max_pixels:
+                statuses[p] = TOO_LARGE
+            elif entry[2] == "ok":
+                statuses[p] = "ok"
+            else:  # Too large under a smaller cap, not decoded yet.
                 todo.append(p)
         if todo:
-            new_bad = _undecodable(todo)
-            bad |= new_bad
-            for p in todo:
-                cache[os.path.relpath(p, self.root)] = stamps[p] + [p not in new_bad]
-            tmp = f"{cache_path}.{os.getpid()}.tmp"
-            try:
-                with open(tmp, "w") as f:
-                    json.dump({"format": 1, "files": cache}, f)
+            for p, (status, pixels) in check_image_files(todo, self.max_pixels).items():
+                statuses[p] = status
+                if status != READ_ERROR:  # Possibly transient: checked again next time.
+                    cache[p] = stamps[p] + [status, pixels]
+            try:  # Unique temporary name, then an atomic rename: concurrent writers are safe.
+                os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=os.path.basename(cache_path) + ".",
+                                           suffix=".tmp", dir=os.path.dirname(cache_path))
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"format": self.CACHE_FORMAT, "files": cache}, f)
                 os.replace(tmp, cache_path)
             except OSError as e:
                 logging.info("folder source: cannot write %s (%s); files will be checked again "
                              "next run.", cache_path, e)
-        return bad
+        return statuses
 
     def _listing(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        key = (self.root, name, self.strict, self.validate)
+        key = (self.root, name, self.strict, self.validate, self.max_pixels)
         if key not in self._listing_cache:
-            paths, labels = self._list_files(name)
-            bad = self._bad_files(paths)
-            if bad:
-                ordered = [p for p in paths if p in bad]
-                if self.strict:
-                    raise DataError(
-                        f"folder source: cannot decode {ordered[0]} (input.strict=True; "
-                        f"{len(ordered)} unreadable file(s) in split {name!r}). Remove or replace "
-                        f"it, or set input.strict=False to skip unreadable files.")
+            paths, labels, skipped = self._list_files(name)
+            statuses = self._statuses(paths)
+            for reason in (UNDECODABLE, TOO_LARGE, READ_ERROR):
+                skipped[reason] = [p for p in paths if statuses.get(p, "ok") == reason]
+            skipped = {r: v for r, v in skipped.items() if v}
+            if self.strict:
+                for reason, files in skipped.items():
+                    if reason != UNKNOWN_EXTENSION:
+                        raise DataError(
+                            f"folder source: cannot use {files[0]}: {reason} (input.strict=True; "
+                            f"{len(files)} such file(s) in split {name!r}). Remove or replace it, "
+                            f"or set input.strict=False to skip and count such files.")
+            if skipped:
                 logging.warning(
-                    "folder source: skipped %d unreadable file(s) in %s (e.g. %s); set "
-                    "input.strict=True to stop on them instead.", len(ordered),
-                    os.path.join(self.root, name), ", ".join(ordered[:3]))
+                    "folder source: skipped %d file(s) in %s: %s. Set input.strict=True to stop "
+                    "on unusable image files instead.", sum(map(len, skipped.values())),
+                    os.path.join(self.root, name),
+                    "; ".join(f"{len(v)} {r} (e.g. {', '.join(v[:3])})" for r, v in skipped.items()))
+            bad = {p for p in paths if statuses.get(p, "ok") != "ok"}
+            if bad:
                 keep = [i for i, p in enumerate(paths) if p not in bad]
                 kept_labels = {labels[i] for i in keep}
                 for label, cls in enumerate(self.class_names):
@@ -442,8 +575,18 @@ class FolderSource(IndexedSource):
                 paths = [paths[i] for i in keep]
                 labels = [labels[i] for i in keep]
             self._listing_cache[key] = (np.asarray(paths, dtype=object),
-                                        np.asarray(labels, dtype=np.int32))
-        return self._listing_cache[key]
+                                        np.asarray(labels, dtype=np.int32), skipped)
+        return self._listing_cache[key][:2]
+
+    def skipped(self, split: str) -> dict[str, list[str]]:
+        """{reason: paths} of the files of ``split``'s parts that are not used (see class doc)."""
+        out: dict[str, list[str]] = {}
+        for name, _, _ in parse_split(split):
+            self._listing(name)
+            key = (self.root, name, self.strict, self.validate, self.max_pixels)
+            for reason, files in self._listing_cache[key][2].items():
+                out.setdefault(reason, []).extend(files)
+        return out
 
     def files(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(paths: object [n], labels: int32 [n]) of the split, in element order."""
@@ -463,9 +606,10 @@ class FolderSource(IndexedSource):
         paths, labels = self.files(split)
         paths = tf.constant([str(p) for p in paths], tf.string)
         labels = tf.constant(labels)
+        max_pixels = self.max_pixels
 
         def element(index):
-            image = decode_image_bytes(tf.io.read_file(tf.gather(paths, index)))
+            image = decode_image_bytes(tf.io.read_file(tf.gather(paths, index)), max_pixels)
             return {"image": image, "label": tf.gather(labels, index),
                     "index": tf.cast(index, tf.int64)}
 
@@ -495,6 +639,7 @@ class TfdsSource(Source):
         self.manual_dir = input_config.manual_dir or None
         self.image_key = input_config.get("tfds_image_key", "image")
         self.label_key = input_config.get("tfds_label_key", "label")
+        self.max_pixels = int(input_config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
         try:
             self.builder = tfds.builder(name, data_dir=self.data_dir)
         except Exception as e:  # DatasetNotFoundError and friends.
@@ -582,15 +727,16 @@ class TfdsSource(Source):
             ds = ds.concatenate(piece)
         return ds
 
-    @staticmethod
-    def decode(element: dict) -> dict:
-        """Encoded element -> element with 'image' uint8 [H, W, 3]."""
-        return dict(element, image=decode_image_bytes(element["image"]))
+    def decode(self, element: dict) -> dict:
+        """Encoded element -> element with 'image' uint8 [H, W, 3] (fails over the pixel cap)."""
+        return dict(element, image=decode_image_bytes(element["image"], self.max_pixels))
 
     def dataset(self, split: str, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+        """Decoded elements; undecodable ones and images over input.max_image_pixels are dropped
+        (logged by tf.data)."""
         return self.encoded_dataset(split, process_index, process_count).map(
             tf.autograph.experimental.do_not_convert(self.decode),
-            num_parallel_calls=AUTOTUNE, deterministic=True)
+            num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors(log_warning=True)
 
 
 class TfdsSubsetSource(IndexedSource):
@@ -619,6 +765,7 @@ class TfdsSubsetSource(IndexedSource):
     """
 
     SPLITS = ("train", "val", "test")
+    may_fail_at_runtime = True  # Images over input.max_image_pixels are dropped.
 
     def __init__(self, name: str, input_config):
         self.tfds = TfdsSource(name, input_config)
@@ -774,11 +921,19 @@ class TfdsSubsetSource(IndexedSource):
             enc, lab = self._arrays(name)
             images.append(enc[start:stop])
             labels.append(lab[start:stop])
-        images = tf.constant(np.concatenate(images).tolist(), dtype=tf.string)  # [n] encoded.
+        # The encoded images stay in this one Python copy (object [n] of bytes): a tf.constant
+        # would add a second copy, and a third inside the serialized tf.data graph.
+        images = np.concatenate(images)
         labels = tf.constant(np.concatenate(labels).astype(np.int32))
+        max_pixels = self.tfds.max_pixels
+
+        def fetch(index):
+            return images[int(index)]
 
         def element(index):
-            return {"image": decode_image_bytes(tf.gather(images, index)),
+            data = tf.numpy_function(fetch, [index], tf.string, stateful=False)
+            data.set_shape([])
+            return {"image": decode_image_bytes(data, max_pixels),
                     "label": tf.gather(labels, index), "index": tf.cast(index, tf.int64)}
 
         return element
@@ -795,6 +950,21 @@ class TfdsSubsetSource(IndexedSource):
 
 _DIGITS_CACHE: dict = {}
 _TFDS_SUBSET_CACHE: dict = {}
+
+
+def split_sizes(input_config) -> dict[str, int | str]:
+    """{split: examples} of the config's train and eval splits as this process sees them
+    (a split it cannot read maps to its error message): what multi-host runs must agree on."""
+    source = get_source(input_config)
+    sizes = {}
+    for key in ("train_split", "eval_split"):
+        split = input_config.get(key)
+        if split and split not in sizes:
+            try:
+                sizes[split] = source.info(split).num_examples
+            except DataError as e:
+                sizes[split] = f"unreadable: {e}"
+    return sizes
 
 
 def get_source(input_config) -> Source:

@@ -17,8 +17,12 @@ The same seed and folders give the same subset, independent of which other class
 
 ``--file_lists DIR`` instead reads DIR/train.txt, DIR/val.txt (and DIR/test.txt if present and
 ``--imagenet_val`` is given): one ``wnid/file.JPEG`` per line, relative to the ImageNet folder
-(the challenge's official lists converted to this form). ``--write_file_lists`` records the lists
+(the challenge's official lists converted to this form). Entries must stay inside the folder
+(absolute paths, '..' and duplicates are refused, naming the line). ``--write_file_lists`` records the lists
 that were used in OUT/train.txt, OUT/val.txt (OUT/test.txt), in that same form.
+
+OUT must be new or empty. The subset is built in a temporary folder next to OUT and renamed to
+OUT at the end, so an interrupted build never leaves a half-built OUT.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import argparse
 import os
 import shutil
 import sys
+import tempfile
 import zlib
 
 import numpy as np
@@ -89,24 +94,59 @@ def choose_test(imagenet_val: str, per_class: int = 50, seed: int = 0) -> list[s
 
 
 def read_file_list(path: str) -> list[str]:
+    """The entries of a file list (blank lines and '#' comments skipped), checked line by line.
+
+    Every entry must be a relative 'wnid/file' path that stays inside its folder (no absolute
+    paths, no '..', no empty parts) and appear once; otherwise BuildError names the line.
+    """
     if not os.path.isfile(path):
         raise BuildError(f"File list {path} does not exist.")
+    entries, seen = [], {}
     with open(path) as f:
-        lines = [line.strip() for line in f]
-    return [line for line in lines if line and not line.startswith("#")]
+        for number, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.replace("\\", "/").split("/")
+            if (os.path.isabs(line) or line.startswith(("/", "\\")) or ":" in parts[0]
+                    or any(p in ("", ".", "..") for p in parts)):
+                raise BuildError(f"{path} line {number}: {line!r} is not a relative "
+                                 f"'wnid/file.JPEG' path inside the ImageNet folder (absolute "
+                                 f"paths, '..' and empty parts are refused); fix the line.")
+            if line in seen:
+                raise BuildError(f"{path} line {number}: {line!r} is listed twice (first on line "
+                                 f"{seen[line]}); remove the duplicate.")
+            seen[line] = number
+            entries.append(line)
+    return entries
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether ``path`` resolves (symlinks followed) to ``root`` or below it."""
+    root = os.path.realpath(root)
+    return os.path.commonpath([os.path.realpath(path), root]) == root
 
 
 def _materialise(entries: list[str], source_root: str, out_dir: str, copy: bool) -> None:
+    """Links (or copies) every 'wnid/file' entry of ``source_root`` to ``out_dir``/entry.
+
+    Sources must resolve inside ``source_root`` and targets inside ``out_dir`` (a symlinked
+    class folder pointing elsewhere is refused); existing targets are never overwritten.
+    """
     missing = [e for e in entries if not os.path.isfile(os.path.join(source_root, e))]
     if missing:
         raise BuildError(f"{len(missing)} listed file(s) do not exist under {source_root}, e.g. "
                          f"{missing[:3]}.")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise BuildError(f"{out_dir} already exists and is not empty; choose a new --out.")
     for entry in entries:
         src = os.path.abspath(os.path.join(source_root, entry))
         dst = os.path.join(out_dir, entry)
+        if not _inside(src, source_root):
+            raise BuildError(f"Listed file {entry!r} resolves to {os.path.realpath(src)}, outside "
+                             f"{source_root}; list files inside the ImageNet folder only.")
         os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if not _inside(os.path.dirname(dst), out_dir) or os.path.lexists(dst):
+            raise BuildError(f"Cannot write {entry!r}: {dst} would be outside {out_dir} or "
+                             f"already exists; fix the file list.")
         if copy:
             shutil.copy2(src, dst)
         else:
@@ -135,13 +175,29 @@ def build_subset(imagenet_train: str, out: str, *, per_class: int = 50, seed: in
     if imagenet_val and "test" not in lists:
         lists["test"] = choose_test(imagenet_val, per_class, seed)
     roots = {"train": imagenet_train, "val": imagenet_train, "test": imagenet_val}
-    os.makedirs(out, exist_ok=True)
-    for split, entries in lists.items():
-        _materialise(entries, roots[split], os.path.join(out, split), copy)
-    if write_file_lists:
+    out = os.path.abspath(out)
+    if os.path.isdir(out) and os.listdir(out):
+        raise BuildError(f"{out} already exists and is not empty; choose a new --out.")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise BuildError(f"{out} exists and is not a folder; choose a new --out.")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    # Built in a temporary sibling folder and renamed at the end: a crash never leaves a
+    # half-built OUT that later looks complete.
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.building-", dir=parent)
+    try:
         for split, entries in lists.items():
-            with open(os.path.join(out, f"{split}.txt"), "w") as f:
-                f.write("".join(f"{e}\n" for e in entries))
+            _materialise(entries, roots[split], os.path.join(staging, split), copy)
+        if write_file_lists:
+            for split, entries in lists.items():
+                with open(os.path.join(staging, f"{split}.txt"), "w") as f:
+                    f.write("".join(f"{e}\n" for e in entries))
+        if os.path.isdir(out):
+            os.rmdir(out)  # Empty (checked above); os.rename cannot replace it otherwise.
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return lists
 
 

@@ -80,13 +80,15 @@ def knn_evaluator(config, model, variables_of: Callable[[Any], dict], mesh,
 
     def evaluate(state) -> dict:
         variables = variables_of(state)
-        bank, bank_labels = features.extract(
-            predict, variables, eval_batches(config, config.input.train_split), mesh)
+        bank = features.extract_bank(  # Rows stay split over the devices (never on a host).
+            predict, variables, eval_batches(config, config.input.train_split), mesh,
+            data_sizes(config, mesh).num_train)
         query, labels = features.extract(
             predict, variables, eval_batches(config, config.input.eval_split), mesh)
-        scores = metrics.weighted_knn_scores(
-            query, bank, bank_labels, num_classes=int(max(bank_labels.max(), labels.max())) + 1,
-            k=config.knn.k, temperature=config.knn.temperature)
+        num_classes = max(int(jax.device_get(jnp.max(bank.labels))), int(labels.max())) + 1
+        scores = metrics.sharded_knn_scores(query, bank, num_classes=num_classes,
+                                            k=config.knn.k, temperature=config.knn.temperature,
+                                            mesh=mesh)
         return {f"{prefix}_top1": metrics.accuracy_from_scores(scores, labels, ks=(1,))["top1"]}
 
     return evaluate
