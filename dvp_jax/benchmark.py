@@ -16,7 +16,6 @@ and the batch sharded over every device, exactly as in training.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dvp_jax import config_base, loop, sharding
+from dvp_jax import config_base, console, jsonfmt, loop, sharding
 from dvp_jax.trainers import pretrained
 
 # Dense peak FLOP/s of one device by device_kind (bf16 tensor cores for GPUs/TPUs).
@@ -255,22 +254,27 @@ def parse_args(argv):
     p.add_argument("--jpeg_dir", default="", help="input: folder of JPEGs (default: make some).")
     p.add_argument("--num_jpegs", type=int, default=300)
     p.add_argument("--input_batches", type=int, default=5)
+    console.add_verbosity_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    console.setup(args.verbosity)
+    if "input" in args.kinds:
+        console.import_tensorflow_quietly()
+    console.say(f"benchmark {' '.join(args.kinds)} on {console.devices_line()}")
     mesh = sharding.make_mesh()
     sharding.check_global_batch(args.batch, mesh, key="--batch")
     counter = CompileCounter()
     records = []
     for kind in args.kinds:
         record = bench_input(args) if kind == "input" else bench_step(kind, args, mesh, counter)
-        print(json.dumps(record), flush=True)
+        print(jsonfmt.dumps(record), flush=True)
         records.append(record)
     rates = {r["kind"]: r["images_per_s"] for r in records}
     if "moco" in rates and "supervised" in rates:
-        print(json.dumps({"kind": "ratio", "moco_over_supervised": rates["moco"] / rates["supervised"],
+        print(jsonfmt.dumps({"kind": "ratio", "moco_over_supervised": rates["moco"] / rates["supervised"],
                           "ideal": 0.75}), flush=True)
     return records
 
