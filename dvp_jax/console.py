@@ -271,6 +271,9 @@ def _number(value: float) -> str:
     return f"{value:.4g}"
 
 
+BAR_FORMAT = "{desc}  ETA {remaining} {bar}"  # desc: label, step and metrics (see update).
+
+
 def progress_interval_s() -> float:
     return float(os.environ.get("DVP_JAX_PROGRESS_SECONDS", "20"))
 
@@ -301,10 +304,17 @@ class Progress:
         if is_tty:
             try:
                 from tqdm import tqdm
-                self._bar = tqdm(total=self.total, initial=int(start_step), desc=label,
-                                 unit="step", file=self.stream, dynamic_ncols=True, leave=True)
             except ImportError:
-                self._bar = None
+                return
+            try:  # A terminal of unknown width (0 columns) gets 100.
+                sized = os.get_terminal_size(self.stream.fileno()).columns > 0
+            except (AttributeError, OSError, ValueError):
+                sized = False
+            # The numbers first; the bar takes what width is left (none on a narrow terminal).
+            self._bar = tqdm(total=self.total, initial=int(start_step),
+                             desc=f"{label}  step {start_step}/{self.total}",
+                             file=self.stream, dynamic_ncols=sized, ncols=None if sized else 100,
+                             leave=True, bar_format=BAR_FORMAT)
 
     def update(self, step: int, *, epoch: float, metrics: dict, steps_per_sec: float,
                images_per_sec: float) -> None:
@@ -321,7 +331,9 @@ class Progress:
                   " ".join(f"{k}={_number(float(v))}" for k, v in sorted(metrics.items())) +
                   f" | {steps_per_sec:.2f} steps/s {images_per_sec:.0f} img/s ETA {eta}")
         if self._bar is not None:
-            self._bar.set_postfix(shown, refresh=False)
+            cells = "  ".join(f"{k} {v}" for k, v in shown.items())
+            self._bar.set_description_str(f"{self.label}  step {step}/{self.total}  {cells}",
+                                          refresh=False)
             self._bar.update(step - self._bar.n)
             return
         now = time.monotonic()
