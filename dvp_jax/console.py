@@ -89,7 +89,8 @@ class _ConsoleFormatter(logging.Formatter):
             return message
         if _is_ours(record):
             return f"{record.levelname.lower()}: {message}"
-        return f"{record.levelname} {record.name}: {message}"
+        source = record.module if record.name == "absl" else record.name  # Orbax logs via absl.
+        return f"{record.levelname} {source}: {message}"
 
 
 class _ConsoleHandler(logging.Handler):

@@ -181,8 +181,8 @@ def plot_accuracy(records: list[dict], splits: Sequence[str], path: str,
                    ecolor="dimgray", color=split_colours[i % len(split_colours)], alpha=0.85,
                    label=split if j == 0 else None)
             ax.scatter(x + _spread(len(values), width), values, s=10, color="black", zorder=3)
-            ax.annotate(f"{mean:.1f}", (x, max([mean + std] + values)), xytext=(0, 3),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=7)
+            ax.text(x, 1.5, f"{mean:.1f}", rotation=90, ha="center", va="bottom", fontsize=8,
+                    color="white", fontweight="bold")  # Inside the bar: never on the dots.
     ax.set_xticks(range(len(stages)))
     ax.set_xticklabels([_label(s, labels) for s in stages], rotation=20, ha="right",
                        fontsize=8)
