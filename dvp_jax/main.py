@@ -63,29 +63,29 @@ def main(argv):
     console.import_tensorflow_quietly()  # Training reads data with tf.data.
     distributed.initialize()
     enable_compilation_cache()
-    _start_console(argv)
+    _start_console()
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except errors.USER_ERRORS as e:
         _fail(f"{type(e).__name__}: {e}")
 
 
-def _start_console(argv) -> None:
-    """WORKDIR/log.txt (process 0; log.process<i>.txt on the others) and the run's header."""
+def _start_console() -> None:
+    """The run's header and WORKDIR/log.txt with the full config (process 0 only: the other
+    processes print only warnings and errors)."""
     import jax
-    index = jax.process_index()
-    name = "log.txt" if index == 0 else f"log.process{index}.txt"
-    path = os.path.join(FLAGS.workdir, name)
-    console.log_to_file(path, title=" ".join(["python -m dvp_jax.main"] + list(sys.argv[1:])))
-    if index == 0:
-        overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-        console.header([
-            f"dvp_jax: {train.describe(FLAGS.config)}",
-            f"config:    {config_flags.get_config_filename(FLAGS['config'])}" +
-            (f" with {' '.join(overrides)}" if overrides else ""),
-            f"workdir:   {os.path.abspath(FLAGS.workdir)} (log: {name}, full config included)",
-            f"devices:   {console.devices_line()}",
-        ])
+    if jax.process_index() != 0:
+        return
+    console.log_to_file(os.path.join(FLAGS.workdir, "log.txt"),
+                        title=" ".join(["python -m dvp_jax.main"] + list(sys.argv[1:])))
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    console.header([
+        f"dvp_jax: {train.describe(FLAGS.config)}",
+        f"config:    {config_flags.get_config_filename(FLAGS['config'])}" +
+        (f" with {' '.join(overrides)}" if overrides else ""),
+        f"workdir:   {os.path.abspath(FLAGS.workdir)} (log.txt: everything, with the config)",
+        f"devices:   {console.devices_line()}",
+    ])
     console.file_only(f"Config:\n{FLAGS.config}")
 
 
