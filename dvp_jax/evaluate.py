@@ -485,8 +485,9 @@ def _main(argv) -> int:
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return 2
-    console.import_tensorflow_quietly()  # The evaluation data comes through tf.data.
     distributed.initialize()
+    jax.devices()  # The JAX backends first, then TensorFlow (see dvp_jax/main.py).
+    console.import_tensorflow_quietly()  # The evaluation data comes through tf.data.
     config = f.config
     input_config, batch_size, knn_k, knn_t = None, f.batch_size, f.knn_k, f.knn_temperature
     if config is not None:

@@ -60,10 +60,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     console.setup(FLAGS.verbosity if FLAGS["verbosity"].present else None)
-    console.import_tensorflow_quietly()  # Training reads data with tf.data.
     distributed.initialize()
     enable_compilation_cache()
-    _start_console()
+    _start_console()  # Initialises the JAX backends.
+    # Training reads data with tf.data. Imported after the JAX backends exist, as before (TF
+    # loaded first made the 2-process gloo collectives abort in tests/test_multihost.py).
+    console.import_tensorflow_quietly()
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except errors.USER_ERRORS as e:
