@@ -209,6 +209,9 @@ def plot_accuracy(records: list[dict], splits: Sequence[str], path: str,
                 ax.scatter(values, y + _spread(len(values), height), s=10, color="black",
                            zorder=3)
         ax.axvline(0, color="black", linewidth=0.8)
+        lo, hi = ax.get_xlim()
+        pad = max(1.0, 0.08 * (hi - lo))  # 0 never on the frame: dots at 0 stay visible.
+        ax.set_xlim(min(lo, -pad), max(hi, pad))
         ax.set_yticks(range(len(others)))
         ax.set_yticklabels([_label(s, labels) for s in others], fontsize=8)
         ax.invert_yaxis()
