@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import resource
 import statistics
@@ -38,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dvp_jax import config_base, errors, loop, sharding
+from dvp_jax import config_base, console, errors, jsonfmt, loop, sharding
 from dvp_jax.trainers import pretrained
 
 # Dense peak FLOP/s of one device by device_kind (bf16 tensor cores for GPUs/TPUs).
@@ -407,11 +406,16 @@ def parse_args(argv):
                    help="train: input.augment_on of the end-to-end run.")
     p.add_argument("--step", default="moco", choices=sorted(TRAIN_TRANSFORMS),
                    help="train: the train step fed by the input pipeline.")
+    console.add_verbosity_argument(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    console.setup(args.verbosity)
+    if "input" in args.kinds:
+        console.import_tensorflow_quietly()
+    console.say(f"benchmark {' '.join(args.kinds)} on {console.devices_line()}")
     mesh = sharding.make_mesh()
     sharding.check_global_batch(args.batch, mesh, key="--batch")
     counter = CompileCounter()
@@ -424,11 +428,11 @@ def main(argv=None) -> list[dict]:
         else:
             new = [bench_step(kind, args, mesh, counter)]
         for record in new:
-            print(json.dumps(record), flush=True)
+            print(jsonfmt.dumps(record), flush=True)
         records.extend(new)
     rates = {r["kind"]: r["images_per_s"] for r in records}
     if "moco" in rates and "supervised" in rates:
-        print(json.dumps({"kind": "ratio", "moco_over_supervised": rates["moco"] / rates["supervised"],
+        print(jsonfmt.dumps({"kind": "ratio", "moco_over_supervised": rates["moco"] / rates["supervised"],
                           "ideal": 0.75}), flush=True)
     return records
 

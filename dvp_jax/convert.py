@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from dvp_jax import console
 from dvp_jax.models import NAMES
 from dvp_jax.models.convert import ConversionError, convert_checkpoint
 
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow_pickle", action="store_true",
                         help="torch.load(weights_only=False): for trusted files that hold more "
                              "than tensors and plain containers")
+    console.add_verbosity_argument(parser)
     args = parser.parse_args(argv)
+    console.setup(args.verbosity)
     try:
         meta = convert_checkpoint(args.torch, args.arch, args.out, num_classes=args.num_classes,
                                   prefix=args.prefix, allow_pickle=args.allow_pickle)

@@ -13,7 +13,9 @@ folder written by ``python -m dvp_jax.convert``), --step N (default: the latest)
 --batch_size, --knn [--knn_k 200 --knn_temperature 0.1 --knn_feature pooled --knn_bank_split],
 --ten_crop, --out FILE.json (default DIR/../eval_<split>[_tencrop][_ensemble].json).
 Multi-host: run the same command on every process (flags of dvp_jax/distributed.py); only
-process 0 prints and writes.
+process 0 prints and writes. Console: one summary line and the output path on stdout;
+library logs (Orbax, TensorFlow) and the per-model detail lines only with --verbosity
+(-1 warnings, 0 info; dvp_jax/console.py). --help exits 0.
 
 What is measured (percentages over the split, every example counted once):
   * top1 / top5 of the classifier ('logits'); with --ten_crop, of the mean over the ten crops of
@@ -47,7 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dvp_jax import checkpoints, config_base, errors, features, metrics, sharding
+from dvp_jax import (checkpoints, config_base, console, errors, features, jsonfmt, metrics,
+                     sharding)
 from dvp_jax.trainers import common, pretrained
 
 log = logging.getLogger("dvp_jax")
@@ -437,7 +440,7 @@ def write_json(result: dict, path: str) -> None:
     from etils import epath
     p = epath.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    p.write_text(jsonfmt.dumps(result, indent=2, sort_keys=True) + "\n")
 
 
 def training_best_epoch(checkpoint_dir: str, split: str) -> dict | None:
@@ -507,9 +510,7 @@ def _main(argv) -> int:
 
     from dvp_jax import distributed
     f = flags.FLAGS
-    if not f["verbosity"].present:  # Orbax / TFDS INFO lines would drown the results.
-        from absl import logging as absl_logging
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    console.setup(f.verbosity if f["verbosity"].present else None)
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return 2
@@ -518,6 +519,8 @@ def _main(argv) -> int:
     except distributed.DistributedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    jax.devices()  # The JAX backends first, then TensorFlow (see dvp_jax/main.py).
+    console.import_tensorflow_quietly()  # The evaluation data comes through tf.data.
     config = f.config
     input_config, batch_size, knn_k, knn_t = None, f.batch_size, f.knn_k, f.knn_temperature
     if config is not None:
@@ -548,7 +551,6 @@ def _main(argv) -> int:
         out = f.out or default_output_path(f.checkpoint[0], f.split, ten_crop=f.ten_crop,
                                            ensemble=len(f.checkpoint) > 1)
         write_json(result, out)
-        print(json.dumps(result, indent=2, sort_keys=True))
         print(summary_line(result))
         print(f"wrote {out}")
     return 0
@@ -557,10 +559,15 @@ def _main(argv) -> int:
 def main() -> None:
     """Entry point of ``python -m dvp_jax.evaluate``."""
     from absl import app
-    log.setLevel(logging.INFO)  # This module's progress lines; other libraries stay quiet.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     _define_flags()
-    app.run(_main)
+    app.run(_main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+    """absl's parser, except that --help exits 0."""
+    from absl import flags
+    console.exit_on_help(argv)
+    return flags.FLAGS(argv)
 
 
 if __name__ == "__main__":

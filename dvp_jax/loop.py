@@ -11,7 +11,8 @@ durations, evaluators); ``run`` does the rest:
   with the differing keys named;
 - metrics: clu writers (TensorBoard + log lines) on process 0; metrics leave the devices
   only every ``loop.log_every_steps`` steps (no host sync in between);
-- progress: stage, step, steps/s, images/s and ETA;
+- progress: a live bar (terminal) or periodic lines with step, epoch, loss, lr, img/s and ETA
+  (dvp_jax.console); every logged step with all metrics in the log file;
 - NaN guard: a non-finite metric stops the run naming the step and metric, before any
   checkpoint of the bad state is written;
 - preemption: SIGTERM saves a checkpoint and exits cleanly; rerun the command to resume.
@@ -33,7 +34,7 @@ import numpy as np
 from absl import logging as log
 from jax.experimental import multihost_utils
 
-from dvp_jax import checkpoints, distributed, errors, sharding
+from dvp_jax import checkpoints, console, distributed, errors, jsonfmt, sharding
 
 
 # Config keys that may change between a run and its resume (they change no result). Paths
@@ -192,7 +193,8 @@ _stage_label = ""
 
 
 def set_stage_label(label: str) -> None:
-    """A prefix for progress lines (the pipeline names its stage and seed with it)."""
+    """The name progress lines show instead of the task's (the pipeline names its stage and
+    seed with it, e.g. 'seed 0 · moco'); '' restores the task's name."""
     global _stage_label
     _stage_label = label
 
@@ -202,12 +204,7 @@ def append_jsonl(workdir: str, record: dict) -> None:
     if jax.process_index() != 0:
         return
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        f.write(jsonfmt.dumps(record, sort_keys=True) + "\n")
 
 
 def init_on_mesh(init_state: Callable[[jax.Array], Any], mesh, seed: int) -> Any:
@@ -279,16 +276,19 @@ def run(task: Task, config, workdir: str, mesh=None) -> Any:
         checkpoints.save(mngr, step, state, meta)
         mngr.wait_until_finished()
 
+    progress = console.Progress(_stage_label or task.name, task.total_steps, start,
+                                enabled=lead)
+
     def evaluate(step: int, state: Any) -> None:
         results = {}
         for evaluator in task.evaluators:
             results.update(evaluator(state))
         if results:
             writer.write_scalars(step, results)
-            append_jsonl(workdir, dict(results, step=step, kind="eval"))
-            if lead:
-                log.info("%s[%s] step %d eval %s", _stage_label, task.name, step,
-                         " ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+            append_jsonl(workdir, dict(results, step=step, epoch=step / task.steps_per_epoch,
+                                       kind="eval"))
+            progress.note(f"step {step} eval: " +
+                          "  ".join(f"{k} {v:.2f}" for k, v in sorted(results.items())))
 
     # Bounded wait for every process before the first step (a collective that would hang).
     distributed.barrier(f"{task.name}: first step")
@@ -324,12 +324,9 @@ def run(task: Task, config, workdir: str, mesh=None) -> Any:
                                  epoch=step / task.steps_per_epoch)
                     writer.write_scalars(step, means)
                     append_jsonl(workdir, dict(means, step=step, kind="train"))
-                    if lead:
-                        log.info("%s[%s] step %d/%d epoch %.2f %s | %.2f steps/s %.0f img/s ETA %s",
-                                 _stage_label, task.name, step, task.total_steps, means["epoch"],
-                                 " ".join(f"{k}={means[k]:.4g}" for k in sorted(fetched[-1][1])),
-                                 sps, sps * task.images_per_step,
-                                 _format_eta((task.total_steps - step) / max(sps, 1e-9)))
+                    progress.update(step, epoch=means["epoch"],
+                                    metrics={k: means[k] for k in fetched[-1][1]},
+                                    steps_per_sec=sps, images_per_sec=sps * task.images_per_step)
             if at_ckpt or preempt:
                 save(step, state)
             if at_eval:
@@ -340,6 +337,7 @@ def run(task: Task, config, workdir: str, mesh=None) -> Any:
                                     task.total_steps % task.eval_every_steps == 0):
             evaluate(task.total_steps, state)
     finally:
+        progress.close()
         flag.uninstall()
         writer.flush()
     return state

@@ -5,14 +5,19 @@ r"""The command line: one config, one workdir.
 Multi-host: ``jax.distributed.initialize`` runs first (see dvp_jax/distributed.py); on one
 host it does nothing. Mistakes a user can fix (a bad config key or value, missing data, a
 foreign workdir, a NaN) end with one ``error:`` line and exit code 2, not a traceback.
+
+The console shows a header, one progress display per stage, the evaluation results and the
+final table; library logs (Orbax, TensorFlow, absl) only with --verbosity (-1 warnings,
+0 info, 1 debug). Everything, with the full config, goes to WORKDIR/log.txt
+(dvp_jax/console.py). --help prints this usage and exits 0.
 """
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from dvp_jax import distributed, errors, train
+from dvp_jax import console, distributed, errors, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:PRESET]", lock_config=True)
@@ -22,12 +27,14 @@ distributed.define_flags()
 
 
 def _fail(message: str) -> None:
+    console.file_only(f"error: {message}")
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
 def parse_flags(argv):
     """absl flag parsing with config override mistakes reported in one line."""
+    console.exit_on_help(argv)
     try:
         return FLAGS(argv)
     except flags.Error as e:
@@ -52,13 +59,36 @@ def enable_compilation_cache() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    console.setup(FLAGS.verbosity if FLAGS["verbosity"].present else None)
     try:
         distributed.initialize()
         enable_compilation_cache()
-        logging.info("Config:\n%s", FLAGS.config)
+        _start_console()  # Initialises the JAX backends.
+        # Training reads data with tf.data. Imported after the JAX backends exist, as before (TF
+        # loaded first made the 2-process gloo collectives abort in tests/test_multihost.py).
+        console.import_tensorflow_quietly()
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except errors.USER_ERRORS as e:
         _fail(f"{type(e).__name__}: {e}")
+
+
+def _start_console() -> None:
+    """The run's header and WORKDIR/log.txt with the full config (process 0 only: the other
+    processes print only warnings and errors)."""
+    import jax
+    if jax.process_index() != 0:
+        return
+    console.log_to_file(os.path.join(FLAGS.workdir, "log.txt"),
+                        title=" ".join(["python -m dvp_jax.main"] + list(sys.argv[1:])))
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    console.header([
+        f"dvp_jax: {train.describe(FLAGS.config)}",
+        f"config:    {config_flags.get_config_filename(FLAGS['config'])}" +
+        (f" with {' '.join(overrides)}" if overrides else ""),
+        f"workdir:   {os.path.abspath(FLAGS.workdir)} (log.txt: everything, with the config)",
+        f"devices:   {console.devices_line()}",
+    ])
+    console.file_only(f"Config:\n{FLAGS.config}")
 
 
 if __name__ == "__main__":

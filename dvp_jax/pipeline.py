@@ -26,9 +26,7 @@ import os
 
 import jax
 import ml_collections
-from absl import logging
-
-from dvp_jax import config_checks, loop, report
+from dvp_jax import config_checks, console, jsonfmt, loop, report
 
 STAGES = ("supervised", "moco", "linear", "finetune", "distill")
 # stage -> (row label of Table 1, starts from Phase 1).
@@ -92,8 +90,9 @@ def finished_record(stage_dir: str, stage_cfg) -> dict | None:
     changed = [k for k in set(a) | set(b)
                if a.get(k) != b.get(k) and k not in loop.RESUMABLE_CHANGES]
     if saved is None or changed:
-        logging.warning("%s: the stage config changed since it finished; running it again.",
-                        stage_dir)
+        if jax.process_index() == 0:
+            console.say(f"{stage_dir}: the stage config changed since it finished; "
+                        "running it again.")
         return None
     with open(done_path) as f:
         return json.load(f)
@@ -107,14 +106,18 @@ def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
     c = stage_config(config, stage, seed, workdir)
     record = finished_record(stage_dir, c)
     if record is not None:
-        logging.info("seed %d · %s: finished earlier, skipped (%s).", seed, stage, done_path)
+        if jax.process_index() == 0:
+            console.say(f"seed {seed} · {stage}: finished earlier, skipped ({done_path}); " +
+                        _accuracy_text(record["accuracy"]))
         return record
     config_checks.validate(c)
-    loop.set_stage_label(f"seed {seed} · {stage} · ")
+    loop.set_stage_label(f"seed {seed} · {stage}")
     module = importlib.import_module(train_lib.TRAINERS[c.trainer])
     module.train(c, stage_dir, None)
     loop.set_stage_label("")
     accuracies = _evaluate_stage(stage, stage_dir, config.eval_splits, c)
+    if jax.process_index() == 0:
+        console.say(f"seed {seed} · {stage}: " + _accuracy_text(accuracies))
     uses_phase1 = stage != "supervised"
     # 'accuracy' is the final epoch's; 'best_val_epoch' the reference code's protocol (the
     # best of the periodic evaluations on input.eval_split; None for the k-NN of Phase 1).
@@ -126,8 +129,13 @@ def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
               "workdir": stage_dir}
     if jax.process_index() == 0:
         with open(done_path, "w") as f:
-            json.dump(record, f, indent=2)
+            jsonfmt.dump(record, f, indent=2)
     return record
+
+
+def _accuracy_text(accuracies: dict) -> str:
+    """'val top-1 85.00  test top-1 83.20' (k-NN top-1 for the Phase 1 stage)."""
+    return "  ".join(f"{split} top-1 {float(v):.2f}" for split, v in accuracies.items())
 
 
 def train(config, workdir: str, mesh=None) -> dict:

@@ -1,15 +1,16 @@
 """The results of the pipeline: a table (JSON and Markdown) and two plots (PNG).
 
-Files in the pipeline's workdir: results.json, results.md, curves.png (training loss and
-monitor accuracy of every stage, per seed), accuracy.png (val / test top-1 per method,
-mean with the std over seeds as error bars).
+Files in the pipeline's workdir: results.json, results.md, curves.png and accuracy.png
+(drawn by dvp_jax/plots.py: training curves per stage kind, mean ± std over seeds; Table 1
+bars with the paired per-seed differences).
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
+
+from dvp_jax import jsonfmt, plots
 
 
 def summarise(records: list[dict], rows: dict, splits) -> list[dict]:
@@ -61,68 +62,14 @@ def _epochs(e) -> str:
     return "-" if not e else (f"{e:g}")
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_curves(records: list[dict], path: str) -> None:
-    """Training loss (left) and monitor accuracy (right) against epoch, one line per stage/seed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for rec in records:
-        rows = _read_jsonl(os.path.join(rec["workdir"], "metrics.jsonl"))
-        train = [r for r in rows if r.get("kind") == "train"]
-        if train:
-            ax_loss.plot([r["epoch"] for r in train], [r["loss"] for r in train],
-                         label=f"{rec['stage']} s{rec['seed']}")
-        evals = [r for r in rows if r.get("kind") == "eval"]
-        key = next((k for k in ("val_top1", "knn_top1", "top1") if evals and k in evals[0]), None)
-        if key:
-            spe = train[-1]["step"] / train[-1]["epoch"] if train and train[-1]["epoch"] else 1
-            ax_acc.plot([r["step"] / spe for r in evals], [r[key] for r in evals], marker="o",
-                        label=f"{rec['stage']} s{rec['seed']} ({key})")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="Monitor accuracy (eval split)")
-    for ax in (ax_loss, ax_acc):
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_accuracy(results: list[dict], splits, path: str) -> None:
-    """Grouped bars: top-1 per method and split, std over seeds as error bars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    x = np.arange(len(results))
-    width = 0.8 / max(1, len(splits))
-    for i, split in enumerate(splits):
-        ax.bar(x + i * width, [r[split]["mean"] for r in results], width,
-               yerr=[r[split]["std"] for r in results], capsize=3, label=split)
-    ax.set_xticks(x + width * (len(splits) - 1) / 2)
-    ax.set_xticklabels([r["method"] for r in results], rotation=15, ha="right", fontsize=8)
-    ax.set(ylabel="top-1 (%)", title="Table 1 on this data")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def write_all(results: list[dict], records: list[dict], workdir: str) -> None:
     """results.json, results.md, curves.png, accuracy.png in ``workdir``."""
     splits = [k for k in results[0] if isinstance(results[0][k], dict)
               and k != "best_val_epoch"] if results else []
     with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump({"rows": results, "runs": records}, f, indent=2)
+        jsonfmt.dump({"rows": results, "runs": records}, f, indent=2)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(markdown_table(results, splits) + "\n")
-    plot_curves(records, os.path.join(workdir, "curves.png"))
-    plot_accuracy(results, splits, os.path.join(workdir, "accuracy.png"))
+    labels = {r["stage"]: r["method"] for r in results if "stage" in r and "method" in r}
+    plots.plot_curves(records, os.path.join(workdir, "curves.png"), labels)
+    plots.plot_accuracy(records, splits, os.path.join(workdir, "accuracy.png"), labels)

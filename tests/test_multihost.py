@@ -321,7 +321,8 @@ def assert_metrics_close(records, reference, rtol, what):
                                        err_msg=f"{what}: step {got['step']} {k}")
 
 
-PROGRESS = re.compile(r"\[(\w+)\] step (\d+)/(\d+) ")
+# A progress line, in WORKDIR/log.txt or on the console (dvp_jax/console.py).
+PROGRESS = re.compile(r"(\w+)\s+step (\d+)/(\d+)\s+epoch")
 
 
 # ----------------------------------------------------------------------------- tests
@@ -417,11 +418,14 @@ def test_only_process_0_writes_logs_and_results(runs):
             open(os.path.join(runs.path("moco_1p"), "config.json")) as g:
         assert json.load(f) == json.load(g)
     assert sorted(os.listdir(workdir)) == sorted(
-        ["checkpoints", "config.json", os.path.basename(events[0]), "metrics.jsonl"])
+        ["checkpoints", "config.json", os.path.basename(events[0]), "metrics.jsonl", "log.txt"])
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", str(MOCO_STEPS)]
-    # Progress lines: every step on process 0, none on process 1.
-    steps0 = [int(m.group(2)) for m in PROGRESS.finditer(p0) if m.group(1) == "moco"]
-    assert steps0 == list(range(1, MOCO_STEPS + 1)), p0[-3000:]
+    # Progress lines: every step in process 0's log file, none on process 1.
+    with open(os.path.join(workdir, "log.txt")) as f:
+        log0 = f.read()
+    steps0 = [int(m.group(2)) for m in PROGRESS.finditer(log0) if m.group(1) == "moco"]
+    assert steps0 == list(range(1, MOCO_STEPS + 1)), log0[-3000:]
+    assert PROGRESS.search(p0), p0[-3000:]
     assert not PROGRESS.search(p1), p1[-3000:]
     for out in (p0, p1):
         assert "Traceback" not in out and "error:" not in out
@@ -465,6 +469,6 @@ def test_distill_two_processes_end_where_one_process_ends(runs):
             np.testing.assert_allclose(got[k], want[k], rtol=DISTILL_RTOL_METRICS,
                                        err_msg=f"step {got['step']} {k}")
     assert os.path.exists(os.path.join(runs.path("distill_2p"), "eval_val.json"))
-    assert "eval val_top1=" in d0 and "eval val_top1=" not in d1
+    assert "eval: val_top1" in d0 and "eval: val_top1" not in d1
     evals = [r for r in read_metrics(runs.path("distill_2p")) if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [DISTILL_STEPS]

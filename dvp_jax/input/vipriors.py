@@ -35,7 +35,7 @@ import zlib
 
 import numpy as np
 
-from dvp_jax import errors
+from dvp_jax import console, errors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copy", action="store_true", help="Copy files instead of symlinking")
     parser.add_argument("--write_file_lists", action="store_true",
                         help="Record the chosen lists in OUT/train.txt, OUT/val.txt [OUT/test.txt]")
+    console.add_verbosity_argument(parser)
     args = parser.parse_args(argv)
+    console.setup(args.verbosity)
     try:
         lists = build_subset(args.imagenet_train, args.out, per_class=args.per_class,
                              seed=args.seed, file_lists=args.file_lists,

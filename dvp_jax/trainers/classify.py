@@ -30,7 +30,6 @@ epoch (reference protocol)" the reference code reports).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Callable
@@ -39,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dvp_jax import features, loop, metrics, models, objectives, optim, sharding
+from dvp_jax import features, jsonfmt, loop, metrics, models, objectives, optim, sharding
 from dvp_jax.trainers import common, pretrained
 
 TRAINERS = ("supervised", "linear", "finetune")
@@ -230,7 +229,7 @@ def write_eval_json(workdir: str, result: dict) -> str:
         os.makedirs(workdir, exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
+            jsonfmt.dump(result, f, indent=2, sort_keys=True)
         os.replace(tmp, path)
     return path
 
