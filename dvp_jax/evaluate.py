@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dvp_jax import checkpoints, config_base, errors, features, metrics, sharding
+from dvp_jax import checkpoints, config_base, errors, features, fileio, metrics, sharding
 from dvp_jax.trainers import common, pretrained
 
 log = logging.getLogger("dvp_jax")
@@ -421,10 +421,7 @@ def default_output_path(checkpoint_dir: str, split: str, *, ten_crop: bool = Fal
 
 def write_json(result: dict, path: str) -> None:
     """Writes ``result`` as indented JSON (local path or gs://), creating the parent folder."""
-    from etils import epath
-    p = epath.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    fileio.write_json(path, result)
 
 
 def summary_line(result: dict) -> str:

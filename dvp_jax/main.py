@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dvp_jax import distributed, errors, train
+from dvp_jax import distributed, errors, loop, preemption, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:PRESET]", lock_config=True)
@@ -52,13 +52,25 @@ def enable_compilation_cache() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    distributed.initialize()
-    enable_compilation_cache()
-    logging.info("Config:\n%s", FLAGS.config)
-    try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except errors.USER_ERRORS as e:
-        _fail(f"{type(e).__name__}: {e}")
+    # SIGTERM / SIGINT: a checkpoint if training, then exit preemption.EXIT_CODE, wherever
+    # they arrive (start-up, training, evaluation, between pipeline stages).
+    with preemption.installed():
+        try:
+            distributed.initialize()
+            enable_compilation_cache()
+            logging.info("Config:\n%s", FLAGS.config)
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        except preemption.Preempted as e:
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+            raise
+        except errors.USER_ERRORS as e:
+            _fail(f"{type(e).__name__}: {e}")
+        except OSError as e:
+            if e.errno not in loop.DISK_ERRNOS:
+                raise
+            _fail(f"{e.filename or FLAGS.workdir}: {os.strerror(e.errno)} ({e}). Free space or "
+                  f"fix the permissions, then rerun the same command: it resumes from the last "
+                  f"checkpoint.")
 
 
 if __name__ == "__main__":

@@ -18,14 +18,13 @@ Then ``WORKDIR/results.json``, ``results.md``, ``curves.png`` and ``accuracy.png
 from __future__ import annotations
 
 import importlib
-import json
 import os
 
 import jax
 import ml_collections
 from absl import logging
 
-from dvp_jax import config_checks, loop, report
+from dvp_jax import config_checks, fileio, loop, report
 
 STAGES = ("supervised", "moco", "linear", "finetune", "distill")
 # stage -> (row label of Table 1, starts from Phase 1).
@@ -73,8 +72,7 @@ def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
     stage_dir = os.path.join(workdir, f"seed_{seed}", stage)
     done_path = os.path.join(stage_dir, "done.json")
     if os.path.exists(done_path):
-        with open(done_path) as f:
-            record = json.load(f)
+        record = fileio.read_json(done_path)
         logging.info("seed %d · %s: finished earlier, skipped (%s).", seed, stage, done_path)
         return record
     c = stage_config(config, stage, seed, workdir)
@@ -90,8 +88,7 @@ def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
               "train_epochs": 0 if stage == "moco" else c.num_epochs,
               "workdir": stage_dir}
     if jax.process_index() == 0:
-        with open(done_path, "w") as f:
-            json.dump(record, f, indent=2)
+        fileio.write_json(done_path, record, sort_keys=False)
     return record
 
 

@@ -6,10 +6,11 @@ mean with the std over seeds as error bars).
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
+
+from dvp_jax import fileio
 
 
 def summarise(records: list[dict], rows: dict, splits) -> list[dict]:
@@ -51,10 +52,7 @@ def _epochs(e) -> str:
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return fileio.read_jsonl(path)
 
 
 def plot_curves(records: list[dict], path: str) -> None:
@@ -81,7 +79,7 @@ def plot_curves(records: list[dict], path: str) -> None:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fileio.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -101,16 +99,15 @@ def plot_accuracy(results: list[dict], splits, path: str) -> None:
     ax.set(ylabel="top-1 (%)", title="Table 1 on this data")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fileio.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
 def write_all(results: list[dict], records: list[dict], workdir: str) -> None:
     """results.json, results.md, curves.png, accuracy.png in ``workdir``."""
     splits = [k for k in results[0] if isinstance(results[0][k], dict)] if results else []
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump({"rows": results, "runs": records}, f, indent=2)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(markdown_table(results, splits) + "\n")
+    fileio.write_json(os.path.join(workdir, "results.json"), {"rows": results, "runs": records},
+                      sort_keys=False)
+    fileio.write_text(os.path.join(workdir, "results.md"), markdown_table(results, splits) + "\n")
     plot_curves(records, os.path.join(workdir, "curves.png"))
     plot_accuracy(results, splits, os.path.join(workdir, "accuracy.png"))

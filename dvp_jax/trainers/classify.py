@@ -28,7 +28,6 @@ every ``loop.eval_every_epochs`` and at the end; process 0 writes the latest res
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Callable
@@ -37,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dvp_jax import features, loop, metrics, models, objectives, optim, sharding
+from dvp_jax import features, fileio, loop, metrics, models, objectives, optim, sharding
 from dvp_jax.trainers import common, pretrained
 
 TRAINERS = ("supervised", "linear", "finetune")
@@ -187,11 +186,7 @@ def write_eval_json(workdir: str, result: dict) -> str:
     """Writes ``result`` to WORKDIR/eval_<split>.json (process 0 only); returns the path."""
     path = os.path.join(workdir, f"eval_{split_tag(result['split'])}.json")
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        fileio.write_json(path, result)
     return path
 
 
