@@ -159,7 +159,7 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("--config.model.nmae=resnet18", 'Did you mean "name"'),
     ("--config.batch_size=abc", "invalid literal for int()"),
-    ("--config.batch_size=18", "is not divisible by the 4 devices"),
+    ("--config.batch_size=2", "is not divisible by the 4 devices"),
     ("--config.input.source=folder:/no/such/folder", "/no/such/folder"),
     ("--config.moco.queue_size=65", "config.moco.queue_size=65 is not a multiple of"),
 ])
