@@ -257,7 +257,12 @@ def run(task: Task, config, workdir: str, mesh=None) -> Any:
     stays), Preempted after SIGTERM / SIGINT (a checkpoint of the last step is saved first).
     """
     with workdir_lock.hold(workdir), preemption.installed(), preemption.deferred():
-        return _run_locked(task, config, workdir, mesh)
+        state = _run_locked(task, config, workdir, mesh)
+        # A signal during the last step or the final save: the run is complete and saved;
+        # stop here rather than go on (e.g. to the pipeline's next stage).
+        if preemption.requested():
+            raise Preempted(task.total_steps, " at the end of training")
+        return state
 
 
 def _run_locked(task: Task, config, workdir: str, mesh) -> Any:

@@ -38,12 +38,9 @@ AUGMENTATIONS = {"moco_v2": "view1", "train_crop_flip": "image"}  # transform ->
 
 
 def check_queue(queue_size: int, global_batch: int) -> None:
-    """The ring buffer is written a whole global batch at a time: K must be a multiple of it."""
-    if queue_size % global_batch:
-        raise config_checks.ConfigError(
-            f"config.seed_distill.queue_size={queue_size} is not a multiple of config.batch_size="
-            f"{global_batch}; the queue is written a whole global batch at a time. Use e.g. "
-            f"queue_size={max(1, queue_size // global_batch) * global_batch}.")
+    """The ring buffer advances by whole global batches: K must be a multiple of it."""
+    config_checks.check_multiple("seed_distill.queue_size", queue_size, "batch_size", global_batch,
+                                 "the queue is written a whole global batch at a time")
 
 
 def load_teacher(seed_config) -> pretrained.Pretrained:
