@@ -29,6 +29,7 @@ import errno
 import json
 import math
 import os
+import re
 import time
 from collections import deque
 from typing import Any, Callable, Iterator, Sequence
@@ -207,6 +208,17 @@ DAMAGED_DIR = "checkpoints_damaged"  # Where unreadable checkpoints are moved (n
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
+def disk_errno(e: BaseException) -> int | None:
+    """The errno of a full disk / read-only / permission error, or None for anything else.
+    OSError carries it; TensorStore (under Orbax) raises ValueError('... [os_error_code=28]')."""
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        return e.errno
+    match = re.search(r"os_error_code='?(\d+)", str(e))
+    if match and int(match.group(1)) in DISK_ERRNOS:
+        return int(match.group(1))
+    return None
+
+
 def _set_aside(ckpt_dir: str, step: int, why: Exception) -> str:
     """Moves the unreadable checkpoint ``step`` to WORKDIR/checkpoints_damaged/<step>.<time>
     (process 0; the others wait for it) and returns where it went."""
@@ -293,14 +305,15 @@ def _run_locked(task: Task, config, workdir: str, mesh) -> Any:
         try:
             checkpoints.save(mngr, step, state, meta)
             mngr.wait_until_finished()
-        except OSError as e:
-            if e.errno not in DISK_ERRNOS:
+        except Exception as e:  # Orbax / TensorStore report a full disk as ValueError.
+            code = disk_errno(e)
+            if code is None:
                 raise
             raise CheckpointSaveError(
-                e.errno, f"cannot write the checkpoint of step {step} to {ckpt_dir}: "
-                f"{os.strerror(e.errno)} ({e}). The previous checkpoint (step {saved_step}) is "
-                f"intact; free space or fix the permissions, then rerun the same command to "
-                f"resume from it.") from e
+                code, f"cannot write the checkpoint of step {step} to {ckpt_dir}: "
+                f"{os.strerror(code)}. The previous checkpoint (step {saved_step}) is intact; "
+                f"free space or fix the permissions, then rerun the same command to resume "
+                f"from it. ({str(e)[:300]})") from e
         saved_step = step
 
     def evaluate(step: int, state: Any) -> None:

@@ -65,12 +65,13 @@ def main(argv):
             raise
         except errors.USER_ERRORS as e:
             _fail(f"{type(e).__name__}: {e}")
-        except OSError as e:
-            if e.errno not in loop.DISK_ERRNOS:
+        except (OSError, ValueError) as e:
+            code = loop.disk_errno(e)
+            if code is None:
                 raise
-            _fail(f"{e.filename or FLAGS.workdir}: {os.strerror(e.errno)} ({e}). Free space or "
-                  f"fix the permissions, then rerun the same command: it resumes from the last "
-                  f"checkpoint.")
+            _fail(f"cannot write to {FLAGS.workdir}: {os.strerror(code)} ({str(e)[:300]}). Free "
+                  f"space or fix the permissions, then rerun the same command: it resumes from "
+                  f"the last checkpoint.")
 
 
 if __name__ == "__main__":
