@@ -291,8 +291,18 @@ def _run_locked(task: Task, config, workdir: str, mesh) -> Any:
     lead = jax.process_index() == 0  # Only process 0 writes metrics and progress lines.
     writer = (metric_writers.create_default_writer(workdir, asynchronous=False) if lead
               else metric_writers.MultiWriter([]))
-    step_fn = jax.jit(task.train_step, donate_argnums=0,
-                      in_shardings=(rep, sharding.batch_sharded(mesh)), out_shardings=(rep, rep))
+    batched = sharding.batch_sharded(mesh)
+    multi = jax.process_count() > 1
+    if multi:  # The stop vote rides in the step's program (see preemption.StopVote).
+        def step_and_vote(state, batch, flags):
+            new_state, metrics = task.train_step(state, batch)
+            return new_state, metrics, jnp.any(flags)
+        step_fn = jax.jit(step_and_vote, donate_argnums=0, in_shardings=(rep, batched, batched),
+                          out_shardings=(rep, rep, rep))
+        vote = preemption.StopVote(mesh)
+    else:
+        step_fn = jax.jit(task.train_step, donate_argnums=0, in_shardings=(rep, batched),
+                          out_shardings=(rep, rep))
     saved_step = start if start else None
 
     def save(step: int, state: Any) -> None:
@@ -340,19 +350,22 @@ def _run_locked(task: Task, config, workdir: str, mesh) -> Any:
             save(step, state)
             raise preemption.Preempted(step, f" during the evaluation at step {step}") from None
 
-    vote = preemption.StopVote(mesh)
     pending: list[tuple[int, dict]] = []  # Device metrics not fetched yet.
     t_last, step_last = time.time(), start
     step = start
     try:
         batches = prefetch_to_mesh(task.train_batches(start), mesh, config.input.prefetch)
         for step in range(start + 1, task.total_steps + 1):
-            state, metrics = step_fn(state, next(batches))
+            if multi:
+                state, metrics, stop = step_fn(state, next(batches), vote.flags())
+                preempt = vote.decide(stop)
+            else:
+                state, metrics = step_fn(state, next(batches))
+                preempt = preemption.requested()
             pending.append((step, metrics))
             at_log = step % lc.log_every_steps == 0 or step == task.total_steps
             at_ckpt = step % lc.checkpoint_every_steps == 0 or step == task.total_steps
             at_eval = bool(task.eval_every_steps) and step % task.eval_every_steps == 0
-            preempt = vote.vote(preemption.requested())
             if at_log or at_ckpt or at_eval or preempt:
                 fetched = jax.device_get(pending)
                 pending = []

@@ -115,26 +115,27 @@ def check(where: str = "") -> None:
 
 
 class StopVote:
-    """Multi-host agreement on the stop flag: ``vote`` every step, decisions lag one step.
+    """Multi-host agreement on the stop flag, folded into the train step; decisions lag a step.
 
-    ``vote(flag)`` starts an all-reduce (logical OR over all processes) of this process's flag
-    and returns the result of the PREVIOUS vote (False for the first). All processes read the
-    same reduction, so they all stop after the same step. One process: no collective.
+    The loop's jitted step takes ``flags()`` (this process's flag on each of its devices, a
+    global bool array sharded like a batch) and returns ``any(flags)``: the OR over all
+    processes is an all-reduce INSIDE the step's program (a separate collective program could
+    interleave differently with the step's own collectives on different hosts and deadlock).
+    ``decide(result)`` keeps this step's result and returns the previous step's, so reading it
+    never stalls the pipelined dispatch. All processes read the same reduction, so they all
+    stop after the same step.
     """
 
     def __init__(self, mesh):
         from dvp_jax import sharding
-        self._multi = jax.process_count() > 1
+        self._sharding = sharding.batch_sharded(mesh)
+        self._local = len(mesh.local_devices)
         self._pending = None
-        if self._multi:
-            self._in = sharding.batch_sharded(mesh)
-            self._any = jax.jit(lambda x: x.any(), out_shardings=sharding.replicated(mesh))
-            self._local = len(mesh.local_devices)
 
-    def vote(self, flag: bool) -> bool:
-        if not self._multi:
-            return flag
-        previous = self._pending
-        local = np.full((self._local,), flag, np.bool_)
-        self._pending = self._any(jax.make_array_from_process_local_data(self._in, local))
-        return bool(np.asarray(previous.addressable_data(0))) if previous is not None else False
+    def flags(self) -> jax.Array:
+        local = np.full((self._local,), requested(), np.bool_)
+        return jax.make_array_from_process_local_data(self._sharding, local)
+
+    def decide(self, result: jax.Array) -> bool:
+        previous, self._pending = self._pending, result
+        return previous is not None and bool(np.asarray(previous.addressable_data(0)))
