@@ -296,7 +296,7 @@ def _run_locked(task: Task, config, workdir: str, mesh) -> Any:
     if multi:  # The stop vote rides in the step's program (see preemption.StopVote).
         def step_and_vote(state, batch, flags):
             new_state, metrics = task.train_step(state, batch)
-            return new_state, metrics, jnp.any(flags)
+            return new_state, metrics, jnp.max(flags)
         step_fn = jax.jit(step_and_vote, donate_argnums=0, in_shardings=(rep, batched, batched),
                           out_shardings=(rep, rep, rep))
         vote = preemption.StopVote(mesh)

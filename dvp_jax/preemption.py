@@ -118,7 +118,7 @@ class StopVote:
     """Multi-host agreement on the stop flag, folded into the train step; decisions lag a step.
 
     The loop's jitted step takes ``flags()`` (this process's flag on each of its devices, a
-    global bool array sharded like a batch) and returns ``any(flags)``: the OR over all
+    global int32 array sharded like a batch) and returns ``max(flags)``: the OR over all
     processes is an all-reduce INSIDE the step's program (a separate collective program could
     interleave differently with the step's own collectives on different hosts and deadlock).
     ``decide(result)`` keeps this step's result and returns the previous step's, so reading it
@@ -133,9 +133,10 @@ class StopVote:
         self._pending = None
 
     def flags(self) -> jax.Array:
-        local = np.full((self._local,), requested(), np.bool_)
+        local = np.full((self._local,), int(requested()), np.int32)  # int32: gloo has no
+        # all-reduce for booleans.
         return jax.make_array_from_process_local_data(self._sharding, local)
 
     def decide(self, result: jax.Array) -> bool:
         previous, self._pending = self._pending, result
-        return previous is not None and bool(np.asarray(previous.addressable_data(0)))
+        return previous is not None and int(np.asarray(previous.addressable_data(0))) > 0
