@@ -52,11 +52,12 @@ def enable_compilation_cache() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    # SIGTERM / SIGINT: a checkpoint if training, then exit preemption.EXIT_CODE, wherever
-    # they arrive (start-up, training, evaluation, between pipeline stages).
+    # jax.distributed.initialize installs its own SIGTERM handler (its preemption notifier):
+    # ours go in after it. SIGTERM / SIGINT: a checkpoint if training, then exit
+    # preemption.EXIT_CODE, wherever they arrive (training, evaluation, between stages).
+    distributed.initialize()
     with preemption.installed():
         try:
-            distributed.initialize()
             enable_compilation_cache()
             logging.info("Config:\n%s", FLAGS.config)
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
