@@ -291,18 +291,8 @@ def _run_locked(task: Task, config, workdir: str, mesh) -> Any:
     lead = jax.process_index() == 0  # Only process 0 writes metrics and progress lines.
     writer = (metric_writers.create_default_writer(workdir, asynchronous=False) if lead
               else metric_writers.MultiWriter([]))
-    batched = sharding.batch_sharded(mesh)
-    multi = jax.process_count() > 1
-    if multi:  # The stop vote rides in the step's program (see preemption.StopVote).
-        def step_and_vote(state, batch, flags):
-            new_state, metrics = task.train_step(state, batch)
-            return new_state, metrics, jnp.max(flags)
-        step_fn = jax.jit(step_and_vote, donate_argnums=0, in_shardings=(rep, batched, batched),
-                          out_shardings=(rep, rep, rep))
-        vote = preemption.StopVote(mesh)
-    else:
-        step_fn = jax.jit(task.train_step, donate_argnums=0, in_shardings=(rep, batched),
-                          out_shardings=(rep, rep))
+    step_fn = jax.jit(task.train_step, donate_argnums=0,
+                      in_shardings=(rep, sharding.batch_sharded(mesh)), out_shardings=(rep, rep))
     saved_step = start if start else None
 
     def save(step: int, state: Any) -> None:
@@ -356,12 +346,8 @@ def _run_locked(task: Task, config, workdir: str, mesh) -> Any:
     try:
         batches = prefetch_to_mesh(task.train_batches(start), mesh, config.input.prefetch)
         for step in range(start + 1, task.total_steps + 1):
-            if multi:
-                state, metrics, stop = step_fn(state, next(batches), vote.flags())
-                preempt = vote.decide(stop)
-            else:
-                state, metrics = step_fn(state, next(batches))
-                preempt = preemption.requested()
+            state, metrics = step_fn(state, next(batches))
+            preempt = preemption.agreed()
             pending.append((step, metrics))
             at_log = step % lc.log_every_steps == 0 or step == task.total_steps
             at_ckpt = step % lc.checkpoint_every_steps == 0 or step == task.total_steps

@@ -2,9 +2,8 @@
 
 - Inside the training loop (``deferred()``), a signal only sets a flag; the loop checks it
   after every step, saves a checkpoint of that step and raises ``Preempted``. Multi-host: the
-  processes agree on the flag through one tiny all-reduce per step, read one step later so
-  that it never stalls the pipelined dispatch (``StopVote``); every process stops at the same
-  step.
+  processes agree on the flag through one tiny all-gather per step (``agreed``); every
+  process stops after the same step.
 - Anywhere else (evaluation, between pipeline stages, start-up) the handler raises
   ``Preempted`` at once: nothing there needs saving, a rerun redoes that part.
 - A second Ctrl-C while a save is pending stops at once (KeyboardInterrupt, no save).
@@ -114,29 +113,12 @@ def check(where: str = "") -> None:
         raise Preempted(None, where)
 
 
-class StopVote:
-    """Multi-host agreement on the stop flag, folded into the train step; decisions lag a step.
-
-    The loop's jitted step takes ``flags()`` (this process's flag on each of its devices, a
-    global int32 array sharded like a batch) and returns ``max(flags)``: the OR over all
-    processes is an all-reduce INSIDE the step's program (a separate collective program could
-    interleave differently with the step's own collectives on different hosts and deadlock).
-    ``decide(result)`` keeps this step's result and returns the previous step's, so reading it
-    never stalls the pipelined dispatch. All processes read the same reduction, so they all
-    stop after the same step.
-    """
-
-    def __init__(self, mesh):
-        from dvp_jax import sharding
-        self._sharding = sharding.batch_sharded(mesh)
-        self._local = len(mesh.local_devices)
-        self._pending = None
-
-    def flags(self) -> jax.Array:
-        local = np.full((self._local,), int(requested()), np.int32)  # int32: gloo has no
-        # all-reduce for booleans.
-        return jax.make_array_from_process_local_data(self._sharding, local)
-
-    def decide(self, result: jax.Array) -> bool:
-        previous, self._pending = self._pending, result
-        return previous is not None and int(np.asarray(previous.addressable_data(0))) > 0
+def agreed() -> bool:
+    """True on every process once any process got a stop signal (one process: this one's
+    flag). Multi-host: one small all-gather of the flags per call (the loop calls it after
+    every step, so all processes stop after the same step)."""
+    if jax.process_count() == 1:
+        return requested()
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.array(int(requested()), np.int32))
+    return bool(np.any(flags))
