@@ -84,8 +84,47 @@ def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
     ]
 
 
+def check_multiple(key: str, value: int, of_key: str, of_value: int, why: str) -> None:
+    """Refuses ``config.key=value`` unless it is a positive multiple of ``config.of_key``."""
+    if of_value > 0 and (value <= 0 or value % of_value):
+        raise ConfigError(
+            f"config.{key}={value} is not a multiple of config.{of_key}={of_value}; {why}. Use "
+            f"e.g. {key}={max(1, value // of_value) * of_value}.")
+
+
+def check_divides(key: str, value: int, of_key: str, of_value: int, why: str) -> None:
+    """Refuses ``config.of_key=of_value`` unless ``value`` (> 0) divides it."""
+    if value > 0 and of_value % value:
+        raise ConfigError(f"config.{of_key}={of_value} is not divisible by config.{key}={value} "
+                          f"({why}).")
+
+
+def _cross_rules(config) -> list[str]:
+    """Rules between keys (each trainer also calls the matching check_* itself)."""
+    problems = []
+    batch = _get(config, "batch_size")
+    checks = [
+        (check_multiple, "moco.queue_size", "the queue is written a whole global batch at a time"),
+        (check_multiple, "seed_distill.queue_size",
+         "the queue is written a whole global batch at a time"),
+        (check_divides, "moco.bn_groups", "every BN group gets the same number of images"),
+        (check_divides, "seed_distill.bn_groups", "every BN group gets the same number of images"),
+    ]
+    if not isinstance(batch, int) or batch <= 0:
+        return problems
+    for check, key, why in checks:
+        value = _get(config, key)
+        if value is _MISSING or not isinstance(value, int):
+            continue
+        try:
+            check(key, value, "batch_size", batch, why)
+        except ConfigError as e:
+            problems.append(str(e))
+    return problems
+
+
 def validate(config) -> None:
-    """Raises ConfigError naming the first bad key, its value and what is allowed."""
+    """Raises ConfigError naming every bad key, its value and what is allowed."""
     problems = []
     for key, ok, allowed in _rules():
         value = _get(config, key)
@@ -97,5 +136,7 @@ def validate(config) -> None:
             good = False
         if not good:
             problems.append(f"config.{key}={value!r} is not allowed; use {allowed}.")
+    if not problems:
+        problems = _cross_rules(config)
     if problems:
         raise ConfigError("\n".join(problems))

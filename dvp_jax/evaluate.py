@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dvp_jax import (checkpoints, config_base, console, errors, features, jsonfmt, metrics,
+from dvp_jax import (checkpoints, config_base, console, errors, features, fileio, metrics,
                      sharding)
 from dvp_jax.trainers import common, pretrained
 
@@ -437,10 +437,7 @@ def default_output_path(checkpoint_dir: str, split: str, *, ten_crop: bool = Fal
 
 def write_json(result: dict, path: str) -> None:
     """Writes ``result`` as indented JSON (local path or gs://), creating the parent folder."""
-    from etils import epath
-    p = epath.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(jsonfmt.dumps(result, indent=2, sort_keys=True) + "\n")
+    fileio.write_json(path, result)
 
 
 def training_best_epoch(checkpoint_dir: str, split: str) -> dict | None:

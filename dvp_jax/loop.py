@@ -15,15 +15,22 @@ durations, evaluators); ``run`` does the rest:
   (dvp_jax.console); every logged step with all metrics in the log file;
 - NaN guard: a non-finite metric stops the run naming the step and metric, before any
   checkpoint of the bad state is written;
-- preemption: SIGTERM saves a checkpoint and exits cleanly; rerun the command to resume.
+- one run per workdir: WORKDIR/.lock (dvp_jax.workdir_lock); a second run is refused;
+- resume skips damaged checkpoints: each is moved to WORKDIR/checkpoints_damaged/ (never
+  deleted) and the newest intact one loads; a failed save (disk full, read-only) stops with
+  CheckpointSaveError and leaves the previous checkpoint as it was;
+- preemption: SIGTERM or SIGINT saves a checkpoint of the current step and exits with
+  ``preemption.EXIT_CODE`` (checked after every step, also during evaluation); rerun the
+  command to resume.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
-import signal
+import re
 import time
 from collections import deque
 from typing import Any, Callable, Iterator, Sequence
@@ -34,7 +41,8 @@ import numpy as np
 from absl import logging as log
 from jax.experimental import multihost_utils
 
-from dvp_jax import checkpoints, console, distributed, errors, jsonfmt, sharding
+from dvp_jax import (checkpoints, console, distributed, errors, fileio, jsonfmt, preemption,
+                     sharding, workdir_lock)
 
 
 # Config keys that may change between a run and its resume (they change no result). Paths
@@ -54,12 +62,11 @@ class ConfigMismatchError(errors.UserError, ValueError):
     """The workdir holds a run made with another config."""
 
 
-class Preempted(SystemExit):
-    """SIGTERM arrived; a checkpoint was written. Exit code 0 so schedulers requeue cleanly."""
+class CheckpointSaveError(errors.UserError, OSError):
+    """A checkpoint could not be written (disk full, read-only or missing permissions)."""
 
-    def __init__(self, step: int):
-        super().__init__(0)
-        self.step = step
+
+Preempted = preemption.Preempted  # Raised after SIGTERM / SIGINT (see dvp_jax.preemption).
 
 
 @dataclasses.dataclass
@@ -110,8 +117,7 @@ def check_or_save_config(config, workdir: str) -> None:
     path = os.path.join(workdir, "config.json")
     current = config_to_dict(config)
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        saved = fileio.read_json(path)
         a, b = _flatten(saved), _flatten(current)
         diff = sorted(k for k in set(a) | set(b)
                       if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
@@ -123,11 +129,8 @@ def check_or_save_config(config, workdir: str) -> None:
                 "Use another --workdir for a fresh run, or pass --config.loop.allow_config_change=True "
                 "to resume this one with the new values.")
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
         # Written whole then renamed: another process checking it never reads a partial file.
-        with open(path + ".tmp", "w") as f:
-            json.dump(current, f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
+        fileio.write_json(path, current, exact=True)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -161,34 +164,6 @@ def first_non_finite(history: list[tuple[int, dict]]) -> tuple[int, str] | None:
     return None
 
 
-class _PreemptionFlag:
-    """Set by SIGTERM; all processes agree on it at sync points."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def install(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # Not the main thread (e.g. a notebook worker): no handler.
-            self._previous = None
-
-    def uninstall(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and exiting.")
-        self.requested = True
-
-    def agreed(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested
-        flags = multihost_utils.process_allgather(np.array(self.requested))
-        return bool(np.any(flags))
-
-
 _stage_label = ""
 
 
@@ -203,8 +178,7 @@ def append_jsonl(workdir: str, record: dict) -> None:
     """Appends one JSON line to WORKDIR/metrics.jsonl (process 0 only); plots read it."""
     if jax.process_index() != 0:
         return
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write(jsonfmt.dumps(record, sort_keys=True) + "\n")
+    fileio.append_line(os.path.join(workdir, "metrics.jsonl"), jsonfmt.dumps(record, sort_keys=True))
 
 
 def init_on_mesh(init_state: Callable[[jax.Array], Any], mesh, seed: int) -> Any:
@@ -228,12 +202,80 @@ def _abstract_state(task: Task, mesh) -> Any:
 # ----------------------------------------------------------------------------- the loop
 
 
+DAMAGED_DIR = "checkpoints_damaged"  # Where unreadable checkpoints are moved (never deleted).
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def disk_errno(e: BaseException) -> int | None:
+    """The errno of a full disk / read-only / permission error, or None for anything else.
+    OSError carries it; TensorStore (under Orbax) raises ValueError('... [os_error_code=28]')."""
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        return e.errno
+    match = re.search(r"os_error_code='?(\d+)", str(e))
+    if match and int(match.group(1)) in DISK_ERRNOS:
+        return int(match.group(1))
+    return None
+
+
+def _set_aside(ckpt_dir: str, step: int, why: Exception) -> str:
+    """Moves the unreadable checkpoint ``step`` to WORKDIR/checkpoints_damaged/<step>.<time>
+    (process 0; the others wait for it) and returns where it went."""
+    workdir = os.path.dirname(checkpoints.absolute(ckpt_dir).rstrip("/"))
+    target = os.path.join(workdir, DAMAGED_DIR, f"{step}.{time.strftime('%Y%m%dT%H%M%S')}")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.rename(os.path.join(ckpt_dir, str(step)), target)
+        log.error("Checkpoint %s/%d is damaged (%s: %s); moved to %s, resuming from the newest "
+                  "intact one.", ckpt_dir, step, type(why).__name__, str(why)[:300], target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"dvp_set_aside_{step}")
+    return target
+
+
+def _restore_latest(task: Task, config, ckpt_dir: str, mesh):
+    """(manager, state, step) from the newest intact checkpoint, or a fresh init (step 0).
+    Damaged checkpoints on the way are set aside (see _set_aside)."""
+    import orbax.checkpoint as ocp
+    while True:
+        mngr = checkpoints.manager(ckpt_dir, max_to_keep=config.loop.keep_checkpoints)
+        start = mngr.latest_step()
+        if start is None:
+            return mngr, init_on_mesh(task.init_state, mesh, config.seed), 0
+        try:
+            saved_meta = checkpoints.load_meta(ckpt_dir, start)
+        except Exception as e:  # Orbax raises many types for a truncated or missing file.
+            _set_aside(ckpt_dir, start, e)
+            continue
+        if task.check_resume is not None:
+            task.check_resume(saved_meta)  # A mismatch is the user's to fix: not damage.
+        try:
+            restored = mngr.restore(start, args=ocp.args.Composite(
+                **{checkpoints.STATE_ITEM: ocp.args.StandardRestore(_abstract_state(task, mesh))}))
+        except Exception as e:
+            _set_aside(ckpt_dir, start, e)
+            continue
+        log.info("[%s] resumed from step %d of %s", task.name, start, ckpt_dir)
+        return mngr, restored[checkpoints.STATE_ITEM], start
+
+
 def run(task: Task, config, workdir: str, mesh=None) -> Any:
     """Trains ``task`` to ``task.total_steps`` in ``workdir`` (resuming if possible).
 
     Returns the final state (replicated global arrays). Raises NonFiniteError on NaN/Inf,
-    ConfigMismatchError for a workdir of another config, Preempted after SIGTERM.
+    ConfigMismatchError for a workdir of another config, WorkdirLockedError while another run
+    uses the workdir, CheckpointSaveError when a checkpoint cannot be written (the previous one
+    stays), Preempted after SIGTERM / SIGINT (a checkpoint of the last step is saved first).
     """
+    with workdir_lock.hold(workdir), preemption.installed(), preemption.deferred():
+        state = _run_locked(task, config, workdir, mesh)
+        # A signal during the last step or the final save: the run is complete and saved;
+        # stop here rather than go on (e.g. to the pipeline's next stage).
+        if preemption.requested():
+            raise Preempted(task.total_steps, " at the end of training")
+        return state
+
+
+def _run_locked(task: Task, config, workdir: str, mesh) -> Any:
     from clu import metric_writers  # Imports TensorFlow: kept out of module import time.
 
     mesh = sharding.make_mesh() if mesh is None else mesh
@@ -245,36 +287,37 @@ def run(task: Task, config, workdir: str, mesh=None) -> Any:
         "config": config_to_dict(config), "data set sizes": sources.split_sizes(config.input),
         "steps": [task.total_steps, task.steps_per_epoch, task.images_per_step]})
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    mngr = checkpoints.manager(ckpt_dir, max_to_keep=lc.keep_checkpoints)
     meta = dict(task.meta, config=config_to_dict(config))
-
     rep = sharding.replicated(mesh)
-    start = mngr.latest_step()
-    if start is None:
-        state = init_on_mesh(task.init_state, mesh, config.seed)
-        start = 0
-    else:
-        saved_meta = checkpoints.load_meta(ckpt_dir, start)
-        if task.check_resume is not None:
-            task.check_resume(saved_meta)
-        import orbax.checkpoint as ocp
-        restored = mngr.restore(start, args=ocp.args.Composite(
-            **{checkpoints.STATE_ITEM: ocp.args.StandardRestore(_abstract_state(task, mesh))}))
-        state = restored[checkpoints.STATE_ITEM]
-        log.info("[%s] resumed from step %d of %s", task.name, start, ckpt_dir)
+    mngr, state, start = _restore_latest(task, config, ckpt_dir, mesh)
 
     lead = jax.process_index() == 0  # Only process 0 writes metrics and progress lines.
     writer = (metric_writers.create_default_writer(workdir, asynchronous=False) if lead
               else metric_writers.MultiWriter([]))
     step_fn = jax.jit(task.train_step, donate_argnums=0,
                       in_shardings=(rep, sharding.batch_sharded(mesh)), out_shardings=(rep, rep))
+    saved_step = start if start else None
 
     def save(step: int, state: Any) -> None:
+        nonlocal saved_step
+        if step == saved_step:
+            return
         if not bool(tree_all_finite(state["params"])):
             raise NonFiniteError(f"[{task.name}] params are not finite at step {step}; "
                                  f"the last good checkpoint in {ckpt_dir} is kept.")
-        checkpoints.save(mngr, step, state, meta)
-        mngr.wait_until_finished()
+        try:
+            checkpoints.save(mngr, step, state, meta)
+            mngr.wait_until_finished()
+        except Exception as e:  # Orbax / TensorStore report a full disk as ValueError.
+            code = disk_errno(e)
+            if code is None:
+                raise
+            raise CheckpointSaveError(
+                code, f"cannot write the checkpoint of step {step} to {ckpt_dir}: "
+                f"{os.strerror(code)}. The previous checkpoint (step {saved_step}) is intact; "
+                f"free space or fix the permissions, then rerun the same command to resume "
+                f"from it. ({str(e)[:300]})") from e
+        saved_step = step
 
     progress = console.Progress(_stage_label or task.name, task.total_steps, start,
                                 enabled=lead)
@@ -292,8 +335,20 @@ def run(task: Task, config, workdir: str, mesh=None) -> Any:
 
     # Bounded wait for every process before the first step (a collective that would hang).
     distributed.barrier(f"{task.name}: first step")
-    flag = _PreemptionFlag()
-    flag.install()
+
+    def evaluate_or_stop(step: int, state: Any) -> None:
+        """One process: a stop signal during the evaluation stops it at once (the state of
+        ``step`` is saved first). Several: the step-level vote decides (all stop together)."""
+        if jax.process_count() > 1:
+            evaluate(step, state)
+            return
+        try:
+            with preemption.interruptible():
+                evaluate(step, state)
+        except preemption.Preempted:
+            save(step, state)
+            raise preemption.Preempted(step, f" during the evaluation at step {step}") from None
+
     pending: list[tuple[int, dict]] = []  # Device metrics not fetched yet.
     t_last, step_last = time.time(), start
     step = start
@@ -301,11 +356,11 @@ def run(task: Task, config, workdir: str, mesh=None) -> Any:
         batches = prefetch_to_mesh(task.train_batches(start), mesh, config.input.prefetch)
         for step in range(start + 1, task.total_steps + 1):
             state, metrics = step_fn(state, next(batches))
+            preempt = preemption.agreed()
             pending.append((step, metrics))
             at_log = step % lc.log_every_steps == 0 or step == task.total_steps
             at_ckpt = step % lc.checkpoint_every_steps == 0 or step == task.total_steps
             at_eval = bool(task.eval_every_steps) and step % task.eval_every_steps == 0
-            preempt = (at_log or jax.process_count() == 1) and flag.agreed()
             if at_log or at_ckpt or at_eval or preempt:
                 fetched = jax.device_get(pending)
                 pending = []
@@ -329,16 +384,15 @@ def run(task: Task, config, workdir: str, mesh=None) -> Any:
                                     steps_per_sec=sps, images_per_sec=sps * task.images_per_step)
             if at_ckpt or preempt:
                 save(step, state)
-            if at_eval:
-                evaluate(step, state)
             if preempt:
                 raise Preempted(step)
+            if at_eval:
+                evaluate_or_stop(step, state)
         if task.evaluators and not (task.eval_every_steps and
                                     task.total_steps % task.eval_every_steps == 0):
-            evaluate(task.total_steps, state)
+            evaluate_or_stop(task.total_steps, state)
     finally:
         progress.close()
-        flag.uninstall()
         writer.flush()
     return state
 

@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from dvp_jax import console, distributed, errors, train
+from dvp_jax import console, distributed, errors, loop, preemption, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:PRESET]", lock_config=True)
@@ -59,17 +59,34 @@ def enable_compilation_cache() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    # jax.distributed.initialize installs its own SIGTERM handler (its preemption notifier):
+    # ours go in after it. SIGTERM / SIGINT: a checkpoint if training, then exit
+    # preemption.EXIT_CODE, wherever they arrive (training, evaluation, between stages).
     console.setup(FLAGS.verbosity if FLAGS["verbosity"].present else None)
     try:
         distributed.initialize()
-        enable_compilation_cache()
-        _start_console()  # Initialises the JAX backends.
-        # Training reads data with tf.data. Imported after the JAX backends exist, as before (TF
-        # loaded first made the 2-process gloo collectives abort in tests/test_multihost.py).
-        console.import_tensorflow_quietly()
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except errors.USER_ERRORS as e:
         _fail(f"{type(e).__name__}: {e}")
+    with preemption.installed():
+        try:
+            enable_compilation_cache()
+            _start_console()  # Initialises the JAX backends.
+            # Training reads data with tf.data. Imported after the JAX backends exist, as before
+            # (TF loaded first made the 2-process gloo collectives abort in test_multihost.py).
+            console.import_tensorflow_quietly()
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        except preemption.Preempted as e:
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
+            raise
+        except errors.USER_ERRORS as e:
+            _fail(f"{type(e).__name__}: {e}")
+        except (OSError, ValueError) as e:
+            code = loop.disk_errno(e)
+            if code is None:
+                raise
+            _fail(f"cannot write to {FLAGS.workdir}: {os.strerror(code)} ({str(e)[:300]}). Free "
+                  f"space or fix the permissions, then rerun the same command: it resumes from "
+                  f"the last checkpoint.")
 
 
 def _start_console() -> None:

@@ -21,12 +21,11 @@ Then ``WORKDIR/results.json``, ``results.md``, ``curves.png`` and ``accuracy.png
 from __future__ import annotations
 
 import importlib
-import json
 import os
 
 import jax
 import ml_collections
-from dvp_jax import config_checks, console, jsonfmt, loop, report
+from dvp_jax import config_checks, console, fileio, loop, report
 
 STAGES = ("supervised", "moco", "linear", "finetune", "distill")
 # stage -> (row label of Table 1, starts from Phase 1).
@@ -84,8 +83,7 @@ def finished_record(stage_dir: str, stage_cfg) -> dict | None:
         return None
     saved = None
     if os.path.exists(config_path):
-        with open(config_path) as f:
-            saved = json.load(f)
+        saved = fileio.read_json(config_path)
     a, b = loop._flatten(saved or {}), loop._flatten(loop.config_to_dict(stage_cfg))
     changed = [k for k in set(a) | set(b)
                if a.get(k) != b.get(k) and k not in loop.RESUMABLE_CHANGES]
@@ -94,8 +92,7 @@ def finished_record(stage_dir: str, stage_cfg) -> dict | None:
             console.say(f"{stage_dir}: the stage config changed since it finished; "
                         "running it again.")
         return None
-    with open(done_path) as f:
-        return json.load(f)
+    return fileio.read_json(done_path)
 
 
 def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
@@ -128,8 +125,7 @@ def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
               "train_epochs": 0 if stage == "moco" else c.num_epochs,
               "workdir": stage_dir}
     if jax.process_index() == 0:
-        with open(done_path, "w") as f:
-            jsonfmt.dump(record, f, indent=2)
+        fileio.write_json(done_path, record, sort_keys=False)
     return record
 
 

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dvp_jax import fileio
+
 # The stages in Table 1's order, each with a fixed colour in both figures.
 STAGE_ORDER = ("supervised", "moco", "linear", "finetune", "distill")
 COLOURS = {"supervised": "tab:gray", "moco": "tab:purple", "linear": "tab:orange",
@@ -130,7 +132,7 @@ def plot_curves(records: list[dict], path: str, labels: dict | None = None) -> N
         fig.legend(list(handles.values()), [_label(s, labels) for s in handles],
                    loc="lower center", ncol=min(5, len(handles)), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    fig.savefig(path, dpi=100)
+    fileio.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -222,5 +224,5 @@ def plot_accuracy(records: list[dict], splits: Sequence[str], path: str,
         ax.legend(title="split", loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fileio.save_figure(fig, path, dpi=100)
     plt.close(fig)

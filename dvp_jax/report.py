@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from dvp_jax import jsonfmt, plots
+from dvp_jax import fileio, plots
 
 
 def summarise(records: list[dict], rows: dict, splits) -> list[dict]:
@@ -66,10 +66,9 @@ def write_all(results: list[dict], records: list[dict], workdir: str) -> None:
     """results.json, results.md, curves.png, accuracy.png in ``workdir``."""
     splits = [k for k in results[0] if isinstance(results[0][k], dict)
               and k != "best_val_epoch"] if results else []
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        jsonfmt.dump({"rows": results, "runs": records}, f, indent=2)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(markdown_table(results, splits) + "\n")
+    fileio.write_json(os.path.join(workdir, "results.json"), {"rows": results, "runs": records},
+                      sort_keys=False)
+    fileio.write_text(os.path.join(workdir, "results.md"), markdown_table(results, splits) + "\n")
     labels = {r["stage"]: r["method"] for r in results if "stage" in r and "method" in r}
     plots.plot_curves(records, os.path.join(workdir, "curves.png"), labels)
     plots.plot_accuracy(records, splits, os.path.join(workdir, "accuracy.png"), labels)

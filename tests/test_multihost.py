@@ -17,8 +17,17 @@ Runs (module fixture ``runs``, each happens once; 2-process jobs overlap with in
 Tolerances (1 x 4 and 2 x 2 run the same partitioned program; only the collectives differ:
 XLA:CPU's in-process all-reduce and gloo sum the 4 device shards in different orders).
   MoCo (BN statistics per device group, so only the gradient all-reduce crosses devices):
-  rtol 1e-5, atol 2e-5 on every float leaf, integers (step, queue_ptr, rng) exact. Observed:
-  params ~1e-7, queue 4e-7, SGD momentum buffers (sums of raw gradients) 3.8e-6 after 8 steps.
+  integers (step, queue_ptr, rng) exact; each float tree (params, BN statistics, key encoder,
+  queue, SGD momentum buffers) within KINK_FRACTION = 10% of how far training moved it
+  (relative L2 norm of the difference). Why not elementwise: a last-bit difference can flip a
+  ReLU whose input is within ~1e-7 of 0, and the gradient then jumps. Measured (AMD EPYC):
+  the 2-process step-4 checkpoint resumed in 1 process (fresh process or not) gets a step-8
+  gradient norm of 11.4070 instead of 11.2455; the same jump follows from multiplying the
+  1-process step-7 params by (1 + 1e-7 N(0,1)) (3 of 6 draws flip; the gradients differ from
+  layer2_1's output ReLU down, layers 3-4 agree to 1e-6). That flip moves the momentum
+  buffers by 3.1% of their step 4 -> 8 change, the params by 0.12%; a restore that loses the
+  momentum buffers (zeros) moves them by 68%, one on the wrong batches moves the queue by
+  ~100%. Without a flip the runs agree to ~1e-7 (params) and 4e-6 (momentum buffers).
   Distillation (the student's BN is global: its batch statistics are all-reduced in the
   forward pass too): a last-bit difference can flip the sign of a pre-ReLU activation and so
   change a gradient element discretely (seen in one process: 1e-3 relative in early-layer
@@ -58,7 +67,9 @@ MOCO = {"knn.enabled": False, "loop.log_every_steps": 1, "loop.checkpoint_every_
 MOCO_STEPS = 8
 DISTILL = {"loop.log_every_steps": 1, "num_epochs": 1.0}  # 4 steps, one checkpoint.
 DISTILL_STEPS = 4
-MOCO_RTOL, MOCO_ATOL = 1e-5, 2e-5
+MOCO_RTOL, MOCO_ATOL = 1e-5, 2e-5  # Metrics of the same step (loss is continuous).
+MOCO_METRICS_RTOL = 1e-3  # Logged loss etc.; grad_norm not compared (it jumps at a ReLU flip).
+KINK_FRACTION = 0.1  # Float trees: |a - b| <= 10% of |b - start| (module docstring).
 DISTILL_ATOL = 2e-3
 DISTILL_RTOL_METRICS = 2e-3  # loss, ce, distill after step 1.
 NOT_COMPARED = ("steps_per_sec", "images_per_sec")  # Timings in metrics.jsonl.
@@ -296,11 +307,42 @@ def max_change(a, b) -> float:
     return max(float(np.max(np.abs(la[k] - lb[k]))) for k in la if la[k].size)
 
 
-def assert_moco_states_close(state, reference, what):
+def _norm(leaves) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(x.astype(np.float64))) for x in leaves)))
+
+
+def assert_moco_states_close(state, reference, start, what):
+    """Integer leaves equal; each float tree within KINK_FRACTION of its movement from
+    ``start`` (the state both runs began from)."""
     for name in ("params", "batch_stats", "key_params", "key_batch_stats", "queue", "queue_ptr",
                  "opt_state", "step", "rng"):
-        assert_close(state[name], reference[name], rtol=MOCO_RTOL, atol=MOCO_ATOL,
-                     what=f"{what}: {name}")
+        la, lb = paths_and_leaves(state[name]), paths_and_leaves(reference[name])
+        ls = paths_and_leaves(start[name])
+        assert la.keys() == lb.keys() == ls.keys(), f"{what}: {name}"
+        floats = [k for k in la if np.issubdtype(la[k].dtype, np.floating)]
+        for k in la:
+            if k not in floats:
+                np.testing.assert_array_equal(la[k], lb[k], err_msg=f"{what}: {name}{k}")
+        if floats:
+            diff = _norm([la[k] - lb[k] for k in floats])
+            moved = _norm([lb[k] - ls[k] for k in floats])
+            assert moved > 0 and diff <= KINK_FRACTION * moved, \
+                f"{what}: {name} differs by {diff:.3g}, {diff / moved:.1%} of its change {moved:.3g}"
+
+
+_INITIAL = {}
+
+
+def initial_state():
+    """The step-0 state of moco_config() (host numpy), computed once in this process."""
+    if not _INITIAL:
+        from dvp_jax import loop, sharding
+        from dvp_jax.trainers import moco
+        mesh = sharding.make_mesh()
+        task = moco.build_task(moco_config(), mesh)
+        _INITIAL["state"] = jax.device_get(loop.init_on_mesh(task.init_state, mesh,
+                                                            moco_config().seed))
+    return _INITIAL["state"]
 
 
 def read_metrics(workdir):
@@ -308,12 +350,14 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def assert_metrics_close(records, reference, rtol, what):
-    """Per step, every logged value but the timings agrees (same steps, same keys)."""
+def assert_metrics_close(records, reference, rtol, what, skip=()):
+    """Per step, every logged value but the timings (and ``skip``) agrees (same steps, keys)."""
     assert [r["step"] for r in records] == [r["step"] for r in reference], what
     for got, want in zip(records, reference):
         assert got.keys() == want.keys(), what
         for k in got:
+            if k in skip:
+                continue
             if k in NOT_COMPARED or isinstance(got[k], str):
                 assert k in NOT_COMPARED or got[k] == want[k], (what, k)
                 continue
@@ -336,9 +380,9 @@ def test_two_processes_end_where_one_process_ends(runs):
     one, step1 = final_state(runs.path("moco_1p"))
     two, step2 = final_state(runs.path("moco_2p"))
     assert step1 == step2 == MOCO_STEPS and int(two["step"]) == MOCO_STEPS
-    assert_moco_states_close(two, one, "2 processes vs 1")
+    assert_moco_states_close(two, one, initial_state(), "2 processes vs 1")
     assert_metrics_close(read_metrics(runs.path("moco_2p")), read_metrics(runs.path("moco_1p")),
-                         MOCO_RTOL, "metrics.jsonl 2 processes vs 1")
+                         MOCO_METRICS_RTOL, "metrics.jsonl 2 processes vs 1", skip=("grad_norm",))
     # The tolerance is far below what training changes: 4 steps move the params 3e-3.
     mid, _ = final_state(runs.path("moco_1p"), 4)
     assert max_change(mid["params"], one["params"]) > 20 * MOCO_ATOL
@@ -354,6 +398,7 @@ def test_a_1_process_checkpoint_resumes_in_2_processes(runs):
     state, step = final_state(workdir)
     assert step == MOCO_STEPS
     assert_moco_states_close(state, final_state(runs.path("moco_1p"))[0],
+                             final_state(runs.path("moco_1p"), 4)[0],
                              "1-process checkpoint resumed in 2 processes")
 
 
@@ -365,12 +410,14 @@ def test_a_2_process_checkpoint_resumes_in_1_process(runs):
     for step in (4, MOCO_STEPS):  # load_raw of checkpoints written by 2 processes.
         two, _ = final_state(runs.path("moco_2p"), step)
         one, _ = final_state(runs.path("moco_1p"), step)
-        assert_moco_states_close(two, one, f"2-process checkpoint {step} loaded in 1 process")
+        assert_moco_states_close(two, one, initial_state(),
+                                 f"2-process checkpoint {step} loaded in 1 process")
     workdir = runs.path("resume_1p")
     assert [r["step"] for r in read_metrics(workdir)] == list(range(5, MOCO_STEPS + 1))
     state, step = final_state(workdir)
     assert step == MOCO_STEPS
     assert_moco_states_close(state, final_state(runs.path("moco_1p"))[0],
+                             final_state(runs.path("moco_2p"), 4)[0],
                              "2-process checkpoint resumed in 1 process")
 
 
@@ -472,3 +519,29 @@ def test_distill_two_processes_end_where_one_process_ends(runs):
     assert "eval: val_top1" in d0 and "eval: val_top1" not in d1
     evals = [r for r in read_metrics(runs.path("distill_2p")) if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [DISTILL_STEPS]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+    """Only process 1 gets SIGTERM (process 0 never does): the per-step stop vote makes both
+    save the same step and exit with preemption.EXIT_CODE well before the run's end."""
+    from dvp_jax import preemption
+    workdir = str(tmp_path / "stop")
+    overrides = dict(MOCO, **{"num_epochs": 8.0})  # 32 steps, checkpoints every 4.
+    job = Job("stop", cli("configs/moco.py:runlocal", workdir, overrides), str(tmp_path))
+    try:
+        t0 = time.time()
+        metrics = os.path.join(workdir, "metrics.jsonl")
+        while not (os.path.exists(metrics) and len(read_metrics(workdir)) >= 3):
+            assert all(p.poll() is None for p in job.procs), job._read(0)[-3000:]
+            assert time.time() - t0 < TIMEOUT, "the job did not start training"
+            time.sleep(0.05)
+        job.procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=TIMEOUT) for p in job.procs]
+    finally:
+        job.kill()
+    out0, out1 = job._read(0), job._read(1)
+    assert codes == [preemption.EXIT_CODE] * 2, (codes, out0[-3000:], out1[-3000:])
+    step = checkpoints.latest_step(os.path.join(workdir, "checkpoints"))
+    assert 3 <= step < 32, step
+    assert f"checkpoint of step {step} saved" in out0 and f"checkpoint of step {step} saved" in out1
+    assert [r["step"] for r in read_metrics(workdir)][-1] == step

@@ -80,7 +80,7 @@ def assert_states_equal(a, b):
 def uninterrupted(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
     train.train_and_evaluate(config(), workdir)
-    return final_state(workdir)
+    return (*final_state(workdir), workdir)
 
 
 def test_sigkill_at_a_random_step_during_a_save_then_resume_is_bitwise_equal(uninterrupted,
@@ -159,7 +159,7 @@ def test_a_workdir_of_another_config_is_refused(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("--config.model.nmae=resnet18", 'Did you mean "name"'),
     ("--config.batch_size=abc", "invalid literal for int()"),
-    ("--config.batch_size=18", "is not divisible by the 4 devices"),
+    ("--config.batch_size=2", "is not divisible by the 4 devices"),
     ("--config.input.source=folder:/no/such/folder", "/no/such/folder"),
 ])
 def test_bad_command_lines_get_one_clear_line(override, message, tmp_path):
@@ -169,3 +169,186 @@ def test_bad_command_lines_get_one_clear_line(override, message, tmp_path):
     error_lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
     assert error_lines and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- issue 15
+
+
+def run_cli(workdir, *extra, timeout=300, prefix=()):
+    """The CLI in a new process; ``prefix`` replaces ``python -m dvp_jax.main``."""
+    argv = cli(workdir, *extra)
+    argv = [*prefix, *argv[3:]] if prefix else argv
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(proc):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_sigint_saves_then_a_fresh_process_resumes_bitwise(uninterrupted, tmp_path):
+    """Ctrl-C (SIGINT) = SIGTERM: checkpoint of the current step, exit preemption.EXIT_CODE.
+    The resume runs in a NEW process (not this one, which trained before) and ends bit for
+    bit where the uninterrupted run ends (same 4-device topology)."""
+    from dvp_jax import preemption
+    workdir = str(tmp_path / "ctrl_c")
+    proc = start(workdir)
+    assert wait_for(lambda: last_logged_step(workdir) >= 3, proc), proc.communicate()[0]
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == preemption.EXIT_CODE, out[-3000:]
+    assert "preempted: stopped by SIGINT" in out and "Traceback" not in out, out[-3000:]
+    step = checkpoints.latest_step(os.path.join(workdir, "checkpoints"))
+    assert 3 <= step < 16 and step == last_logged_step(workdir)
+    resumed = run_cli(workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {step}" in resumed.stderr
+    state, final = final_state(workdir)
+    assert final == 16
+    assert_states_equal(uninterrupted[0], state)
+
+
+def test_a_second_run_on_the_same_workdir_is_refused_and_a_killed_runs_lock_is_not_stale(tmp_path):
+    from dvp_jax import workdir_lock
+    workdir = str(tmp_path / "shared")
+    first = start(workdir)
+    try:
+        assert wait_for(lambda: last_logged_step(workdir) >= 1, first), first.communicate()[0]
+        second = run_cli(workdir)
+        line = one_error_line(second)
+        assert f"in use by another run: pid {first.pid} on host" in line, line
+        assert "started 20" in line
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with workdir_lock.hold(workdir):  # The kernel dropped the killed run's lock.
+        pass
+
+
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes(uninterrupted, tmp_path):
+    """The files of the latest checkpoint emptied (or one removed), as an interrupted copy or
+    a full disk leaves them: the rerun reports it, moves it to checkpoints_damaged/ (nothing
+    deleted) and resumes from the newest intact checkpoint, ending bit for bit where the
+    uninterrupted run ends."""
+    import shutil
+    workdir = str(tmp_path / "damaged")
+    shutil.copytree(uninterrupted[2], workdir)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+    assert steps[-2:] == [14, 16]
+    sizes = {}
+    for root, _, files in os.walk(os.path.join(ckpt_dir, "16")):
+        for name in files:
+            path = os.path.join(root, name)
+            sizes[os.path.relpath(path, ckpt_dir)] = 0
+            open(path, "w").close()  # Truncated to 0 bytes.
+    os.remove(os.path.join(ckpt_dir, "14", "state", "_METADATA"))  # 14: a file missing.
+    proc = run_cli(workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "Checkpoint" in proc.stderr and "is damaged" in proc.stderr
+    assert "resumed from step 12" in proc.stderr
+    damaged = sorted(os.listdir(os.path.join(workdir, "checkpoints_damaged")))
+    assert [d.split(".")[0] for d in damaged] == ["14", "16"]
+    kept = {os.path.relpath(os.path.join(r, n), os.path.join(workdir, "checkpoints_damaged"))
+            for r, _, fs in os.walk(os.path.join(workdir, "checkpoints_damaged")) for n in fs}
+    assert len(kept) >= len(sizes)  # Every damaged file is still there.
+    state, final = final_state(workdir)
+    assert final == 16
+    assert_states_equal(uninterrupted[0], state)
+
+
+# What TensorStore (under Orbax) raises on a full disk, as seen on a 6 MB tmpfs.
+DISK_FULL = """
+import sys
+import orbax.checkpoint as ocp
+real = ocp.CheckpointManager.save
+def save(self, step, *a, **k):
+    if step >= 6:
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: Failed to write 36935 "
+                         "bytes to file 19: No space left on device [os_error_code='28']")
+    return real(self, step, *a, **k)
+ocp.CheckpointManager.save = save
+from absl import app
+from dvp_jax import main
+sys.argv = ["dvp_jax.main"] + sys.argv[1:]
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+def test_a_full_disk_during_a_save_stops_clearly_and_keeps_the_previous_checkpoint(tmp_path):
+    """ENOSPC injected into the checkpoint save of step 6 of a real CLI run, in the form
+    TensorStore raises it (a run on a real 6 MB tmpfs got the same error and message)."""
+    workdir = str(tmp_path / "full")
+    proc = run_cli(workdir, prefix=(sys.executable, "-c", DISK_FULL))
+    line = one_error_line(proc)
+    assert "No space left on device" in line and "step 6" in line, line
+    assert "previous checkpoint (step 4) is intact" in line, line
+    meta, _, step = checkpoints.load_raw(os.path.join(workdir, "checkpoints"))
+    assert step == 4 and meta["trainer"] == "moco"
+
+
+def test_damaged_workdir_files_give_one_clear_line(tmp_path):
+    """A truncated config.json (written whole since; here damaged by hand) -> one error line
+    naming the file, exit 2; a torn last metrics.jsonl line is skipped and then cut."""
+    from dvp_jax import fileio
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"batch_size": 1')
+    line = one_error_line(run_cli(str(workdir)))
+    assert "config.json is damaged" in line and "mv " in line, line
+    path = str(workdir / "metrics.jsonl")
+    with open(path, "w") as f:
+        f.write('{"step": 1}\n{"step": 2}\n{"st')
+    assert fileio.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    fileio.append_line(path, '{"step": 3}')
+    assert fileio.read_jsonl(path) == [{"step": 1}, {"step": 2}, {"step": 3}]
+    with open(path, "a") as f:
+        f.write('{"bad\n{"step": 4}\n')
+    with pytest.raises(fileio.WorkdirFileError, match="line 4 is damaged"):
+        fileio.read_jsonl(path)
+
+
+def test_an_interrupted_write_leaves_the_old_file(tmp_path):
+    from dvp_jax import fileio
+    path = str(tmp_path / "results.json")
+    fileio.write_json(path, {"old": 1})
+
+    def half_then_die(f):
+        f.write('{"new": ')
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        fileio.write_atomic(path, half_then_die)
+    assert fileio.read_json(path) == {"old": 1}
+    assert os.listdir(tmp_path) == ["results.json"]  # No temp file left behind.
+
+
+def test_a_stop_signal_during_evaluation_saves_that_step_and_exits(tmp_path):
+    """SIGTERM while an evaluator runs: the evaluation stops at once, the state of that step is
+    checkpointed, Preempted (exit code preemption.EXIT_CODE) is raised."""
+    from dvp_jax import preemption
+    c = config()
+    c.num_epochs = 1.0  # 4 steps.
+    mesh = sharding.make_mesh()
+    task = moco.build_task(c, mesh)
+    finished = []
+
+    def evaluator(state):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # Interrupted by the signal.
+        finished.append(True)
+        return {"x": 1.0}
+
+    task = dataclasses.replace(task, evaluators=[evaluator], eval_every_steps=3)
+    with pytest.raises(preemption.Preempted) as e:
+        loop.run(task, c, str(tmp_path / "w"), mesh)
+    assert e.value.step == 3 and e.value.code == preemption.EXIT_CODE and not finished
+    assert checkpoints.latest_step(str(tmp_path / "w" / "checkpoints")) == 3
+    with preemption.installed():  # Outside training (between stages): raised at once.
+        with pytest.raises(preemption.Preempted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dvp_jax import features, jsonfmt, loop, metrics, models, objectives, optim, sharding
+from dvp_jax import features, fileio, loop, metrics, models, objectives, optim, sharding
 from dvp_jax.trainers import common, pretrained
 
 TRAINERS = ("supervised", "linear", "finetune")
@@ -226,11 +226,7 @@ def write_eval_json(workdir: str, result: dict) -> str:
     """Writes ``result`` to WORKDIR/eval_<split>.json (process 0 only); returns the path."""
     path = os.path.join(workdir, f"eval_{split_tag(result['split'])}.json")
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            jsonfmt.dump(result, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        fileio.write_json(path, result)
     return path
 
 
@@ -247,8 +243,7 @@ def read_best(workdir: str, split: str) -> dict | None:
     path = best_json_path(workdir, split)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return fileio.read_json(path)
 
 
 def better_or_equal(result: dict, best: dict | None) -> bool:
@@ -278,10 +273,7 @@ class BestEpoch:
         if better_or_equal(result, self.best):
             self.best = result
             if self.workdir is not None and jax.process_index() == 0:
-                path = best_json_path(self.workdir, self.split)
-                with open(path + ".tmp", "w") as f:
-                    json.dump(result, f, indent=2, sort_keys=True)
-                os.replace(path + ".tmp", path)
+                fileio.write_json(best_json_path(self.workdir, self.split), result)
         return self.best
 
 

@@ -37,11 +37,8 @@ def bn_groups(config, mesh) -> int:
 
 def check_queue(queue_size: int, global_batch: int) -> None:
     """The ring buffer advances by whole global batches: K must be a multiple of it."""
-    if queue_size % global_batch:
-        raise config_checks.ConfigError(
-            f"config.moco.queue_size={queue_size} is not a multiple of config.batch_size="
-            f"{global_batch}; the queue is written a whole global batch at a time. Use e.g. "
-            f"queue_size={max(1, queue_size // global_batch) * global_batch}.")
+    config_checks.check_multiple("moco.queue_size", queue_size, "batch_size", global_batch,
+                                 "the queue is written a whole global batch at a time")
 
 
 def make_train_step(model, tx: optax.GradientTransformation, moco_config, *, total_steps: int,

@@ -31,25 +31,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dvp_jax import checkpoints, loop, objectives, optim, sharding
+from dvp_jax import checkpoints, config_checks, loop, objectives, optim, sharding
 from dvp_jax.trainers import common, pretrained
 
 AUGMENTATIONS = {"moco_v2": "view1", "train_crop_flip": "image"}  # transform -> batch key fed.
 
 
 def check_queue(queue_size: int, global_batch: int) -> None:
-    """The ring buffer is written a whole global batch at a time: K must be a multiple of it."""
-    if queue_size % global_batch:
-        raise ValueError(
-            f"config.seed_distill.queue_size={queue_size} is not a multiple of config.batch_size="
-            f"{global_batch}; the queue is written a whole global batch at a time. Use e.g. "
-            f"queue_size={max(1, queue_size // global_batch) * global_batch}.")
+    """The ring buffer advances by whole global batches: K must be a multiple of it."""
+    config_checks.check_multiple("seed_distill.queue_size", queue_size, "batch_size", global_batch,
+                                 "the queue is written a whole global batch at a time")
 
 
 def load_teacher(seed_config) -> pretrained.Pretrained:
     """The frozen teacher (with its projection head) named by ``config.seed_distill``."""
     if not seed_config.teacher_checkpoint:
-        raise ValueError(
+        raise config_checks.ConfigError(
             "config.seed_distill.teacher_checkpoint is empty: pass the 'checkpoints' folder of a "
             "Phase-1 run (e.g. --config.seed_distill.teacher_checkpoint=runs/moco_digits/"
             "checkpoints) or of a converted SSL encoder.")
@@ -173,13 +170,13 @@ def build_task(config, mesh) -> loop.Task:
     from dvp_jax.input import device_augment, pipeline
     sc = config.seed_distill
     if sc.augmentation not in AUGMENTATIONS:
-        raise ValueError(f"config.seed_distill.augmentation={sc.augmentation!r}; allowed: "
+        raise config_checks.ConfigError(f"config.seed_distill.augmentation={sc.augmentation!r}; allowed: "
                          f"{', '.join(AUGMENTATIONS)}.")
     sizes = common.data_sizes(config, mesh)
     check_queue(sc.queue_size, config.batch_size)
     groups = int(sc.bn_groups) or sharding.num_data_shards(mesh)
     if config.batch_size % groups:
-        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+        raise config_checks.ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
                          f"{groups} BN groups (config.seed_distill.bn_groups).")
 
     teacher = load_teacher(sc)
