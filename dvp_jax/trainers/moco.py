@@ -92,10 +92,11 @@ def make_train_step(model, tx: optax.GradientTransformation, moco_config, *, tot
                     shuffle: bool, steps_per_epoch: int = 1):
     """The pure step (state, batch) -> (state, metrics); batch has 'view1', 'view2' [B,S,S,3].
 
-    Metrics: 'loss', 'loss_nomargin' (the InfoNCE of the same logits without the margin: it
-    stays comparable while the margin warms up); 'contrast_acc' (% of queries whose positive logit, margin applied, beats
-    every queue key), 'contrast_acc_nomargin' (the same without the margin: the pretext
-    task's accuracy), 'positive_cos' / 'negative_cos' (mean q.k+ / q.queue), 'margin'.
+    Metrics: 'loss'; 'loss_nomargin' (the InfoNCE of the same logits without the margin: it
+    stays comparable while the margin warms up); 'contrast_acc' (% of queries whose positive
+    logit, margin applied, beats every queue key); 'contrast_acc_nomargin' (the same without
+    the margin: the pretext task's accuracy); 'positive_cos' / 'negative_cos' (mean q.k+ /
+    q.queue over the counted negatives); 'margin' (after warm-up).
     """
     temperature = moco_config.temperature
     exclude_own = bool(moco_config.get("exclude_own_keys", False))
