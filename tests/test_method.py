@@ -27,6 +27,10 @@ def _one_device():
     return sharding.make_mesh(jax.devices()[:1])
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "Issue 13 is not solved: at the digits preset Phase 1 learns until the margin reaches 0.4 "
+    "(epoch 10), then falls back; measured over 30 epochs: loss_nomargin 4.75 -> 5.93 (log 385 "
+    "= 5.95), contrast_acc_nomargin 15.6 -> 10.5. Remove the mark once the preset learns."))
 def test_phase1_learns_its_pretext_task_at_the_preset_settings(tmp_path):
     """A few hundred steps of configs/moco.py:digits (its lr, crops, margin warm-up, BN groups,
     queue; only the length cut to 30 epochs = 210 steps): the margin-free InfoNCE falls well below
