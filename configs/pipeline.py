@@ -11,7 +11,8 @@ results.json / results.md / curves.png / accuracy.png land in the workdir. Rerun
 command skips finished stages and resumes an interrupted one.
 
 Presets (after the colon):
-  default   the embedded digits, 5 seeds, sized to finish within 15 minutes on a 2-core CPU.
+  default   the embedded digits, 5 seeds; meant for 15 minutes on a 2-core CPU, measured at
+            2,656 CPU-seconds (about 16-22 minutes on an idle 2-core machine; README).
   full      the same comparison trained longer, 5 seeds, plus the Phase-2 lambda sweep
             (about an hour on a 2-core CPU).
   vipriors  the paper's ImageNet run: ResNet-50, 224 px, 800 + 100 epochs, on the VIPriors
