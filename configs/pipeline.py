@@ -12,7 +12,7 @@ command skips finished stages and resumes an interrupted one.
 
 Presets (after the colon):
   default   the embedded digits, 5 seeds; meant for 15 minutes on a 2-core CPU, measured at
-            2,656 CPU-seconds (about 16-22 minutes on an idle 2-core machine; README).
+            21.8 minutes (1,307 s, cold compilation cache, nearly idle 2 cores; README).
   full      the same comparison trained longer, 5 seeds, plus the Phase-2 lambda sweep
             (about an hour on a 2-core CPU).
   vipriors  the paper's ImageNet run: ResNet-50, 224 px, 800 + 100 epochs, on the VIPriors
