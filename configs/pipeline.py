@@ -2,14 +2,19 @@ r"""The paper's whole experiment (Table 1) in one command: the README's main job
 
     python -m dvp_jax.main --config=configs/pipeline.py --workdir=runs/dvp
 
-Stages per seed: supervised from scratch; Phase 1 (margin-MoCo); Phase 1 + linear readout;
-Phase 1 + finetune; Phase 1 + Phase 2 (self-distillation). Each is evaluated on val and test;
+Stages per seed: supervised from scratch; random init (the untrained Phase-1 encoder, k-NN);
+Phase 1 (margin-MoCo, k-NN); Phase 1 + linear readout; Phase 1 + finetune; Phase 1 + Phase 2
+(self-distillation); in ``:full`` also Phase 2 at each lambda of ``config.distill_sweep``.
+Each is evaluated on val and test; results.json / results.md give mean ± sample std over the
+seeds and paired per-seed differences with 95% t-intervals;
 results.json / results.md / curves.png / accuracy.png land in the workdir. Rerunning the
 command skips finished stages and resumes an interrupted one.
 
 Presets (after the colon):
-  default   the embedded digits, sized to finish within 10 minutes on a 2-core CPU.
-  full      the same comparison trained longer (about an hour on a 2-core CPU).
+  default   the embedded digits, 5 seeds; meant for 15 minutes on a 2-core CPU, measured at
+            21.8 minutes (1,307 s, cold compilation cache, nearly idle 2 cores; README).
+  full      the same comparison trained longer, 5 seeds, plus the Phase-2 lambda sweep
+            (about an hour on a 2-core CPU).
   vipriors  the paper's ImageNet run: ResNet-50, 224 px, 800 + 100 epochs, on the VIPriors
             folder (build it with `python -m dvp_jax.input.vipriors`; point
             --config.input.source=folder:PATH at it).
@@ -21,7 +26,10 @@ Shared settings: ``config.input`` and ``config.model`` are copied into every sta
 set, one backbone); per-stage settings live in ``config.stages.<stage>`` (full trainer
 configs from configs/moco.py, classify.py and distill.py), e.g.
 ``--config.stages.moco.num_epochs=100``. ``config.seeds`` lists the seeds; the table reports
-mean ± std over them.
+mean ± sample std over them. The random-init row reuses ``config.stages.moco`` with learning
+rate 0 for ``config.random_init_bn_epochs`` epochs: Phase 1's initial weights, with BN running
+statistics fitted on the augmented train images the way Phase 1 fits its own (an untrained
+encoder whose BN statistics were never fitted would be an unfairly weak baseline).
 
 Choice of the digits split (tuned on val, never on test): see the DIGITS_CHOICE note below.
 """
@@ -32,17 +40,25 @@ import ml_collections
 
 DIGITS_CHOICE = """
 digits: 50 train / 50 val / 50 test images per class (500 each; scikit-learn's 1,797 images
-allow ~174 per class), 8x8 upsampled to 32 px, ResNet-18 at width 0.25 with the small stem.
+allow ~174 per class): VIPriors' own 50 images per class, so labels are scarce - supervised
+training from scratch fits the 500 train images and stays well below what the digits allow.
+Phase 1 sees only the same 500 train images (never val or test). 8x8 upsampled to
+32 px, ResNet-18 at width 0.125 with the small stem (config_base.digits_data_and_model says
+why 32 px: at 16 px Phase 1 did not learn).
 """
 
 
 # Epochs per stage of the digits presets (500 train images / batch 64 = 7 steps per epoch).
+# Phase 1 gets most of the time (the paper pretrains 8x longer than it finetunes: 800 vs 100
+# epochs); here 100 vs 30 epochs (default) and 300 vs 60 (full).
 DIGITS_EPOCHS = {
-    "default": {"moco": 20.0, "supervised": 20.0, "linear": 20.0, "finetune": 20.0,
-                "distill": 20.0},
-    "full": {"moco": 100.0, "supervised": 60.0, "linear": 60.0, "finetune": 60.0,
+    "default": {"moco": 100.0, "supervised": 30.0, "linear": 30.0, "finetune": 30.0,
+                "distill": 30.0},
+    "full": {"moco": 300.0, "supervised": 60.0, "linear": 60.0, "finetune": 60.0,
              "distill": 60.0},
 }
+# Phase-2 lambdas of the full preset's sweep (besides configs/distill.py:digits's 1e-2).
+DISTILL_SWEEP = (1e-4, 1e-3, 1e-1)
 
 
 def _sibling(name: str):
@@ -88,9 +104,14 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     size = {"default": "digits", "full": "digits", "cifar10": "digits"}.get(preset, preset)
     config = ml_collections.ConfigDict()
     config.trainer = "pipeline"
-    config.seeds = (0, 1, 2)
+    config.seeds = (0, 1, 2, 3, 4)
     config.eval_splits = ("val", "test")
     config.skip_stages = ()  # e.g. ('supervised',) to leave a row out.
+    # Random-init row: epochs of Phase 1 at learning rate 0 that fit the BN running statistics
+    # (momentum 0.1 per step: after 10 epochs of 7 steps the initial statistics weigh 0.9^70).
+    config.random_init_bn_epochs = 10.0
+    # Phase-2 lambdas run as extra rows ('distill_lambda_<w>') beside the configured one.
+    config.distill_sweep = ()
     config.stages = _stages(size)
     config.input = ml_collections.ConfigDict(config.stages.moco.input.to_dict())
     config.model = ml_collections.ConfigDict(config.stages.moco.model.to_dict())
@@ -115,6 +136,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         config.seeds = (0,)
     elif preset == "runlocal":
         config.seeds = (0,)
+        config.random_init_bn_epochs = 1.0
+    if preset == "full":
+        config.distill_sweep = DISTILL_SWEEP
     return config
 
 

@@ -12,24 +12,25 @@ digits preset, train the teacher first:
 Then read the student out (linear readout, or full finetuning), starting from this run's
 checkpoint (its state holds the student's {'backbone', 'projection'}; the head is dropped). The
 classify presets must describe the same student: pass the preset's --config.model.* values
-(digits: width 0.125, where classify's digits presets use 0.25):
+(digits: width 0.0625, where classify's digits presets use 0.125):
 
     python -m dvp_jax.main --config=configs/classify.py:linear_digits \
-        --workdir=runs/seed_digits_linear --config.model.width_multiplier=0.125 \
+        --workdir=runs/seed_digits_linear --config.model.width_multiplier=0.0625 \
         --config.classify.init_checkpoint=runs/seed_digits/checkpoints
     python -m dvp_jax.main --config=configs/classify.py:finetune_digits \
-        --workdir=runs/seed_digits_finetune --config.model.width_multiplier=0.125 \
+        --workdir=runs/seed_digits_finetune --config.model.width_multiplier=0.0625 \
         --config.classify.init_checkpoint=runs/seed_digits/checkpoints
 
-Measured (digits, 2 CPU cores, ~2.5 min; with the earlier per-step cosine schedule warming up
-from 0, not yet re-measured with SEED's per-epoch schedule): student k-NN 61.4 vs teacher 57.6
-(the default configs/moco.py:digits teacher); linear readout of the student 65.6 vs 60.2 for
-the teacher. A MobileNetV3 / EfficientNet student is read out with the same
---config.model.variant=seed as its SEED run (the readout refuses a mismatch).
+Measured with the former 16-px digits presets (student 0.125, teacher 0.25) and the earlier
+per-step cosine schedule (not rerun since the digits presets moved to 32 px and SEED's per-epoch
+schedule): student k-NN 61.4 vs teacher 57.6 (the default configs/moco.py:digits teacher);
+linear readout of the student 65.6 vs 60.2 for the teacher. A MobileNetV3 / EfficientNet student
+is read out with the same --config.model.variant=seed as its SEED run (the readout refuses a
+mismatch).
 
 Presets (after the colon):
-  digits    (default) the embedded digits at 16 px; student ResNet-18 at width 0.125 with the
-            small-image stem, distilled from the digits MoCo teacher (ResNet-18, width 0.25);
+  digits    (default) the embedded digits at 32 px; student ResNet-18 at width 0.0625 with the
+            small-image stem, distilled from the digits MoCo teacher (ResNet-18, width 0.125);
             K = 1024, batch 64, 40 epochs (280 steps); 2-3 minutes on 2 CPU cores.
   runlocal  a smoke test: a few steps on 16-px synthetic images; the teacher is a
             configs/moco.py:runlocal checkpoint.
@@ -101,7 +102,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     preset = arg or "digits"
     if preset == "digits":
         config_base.digits_data_and_model(config)
-        config.model.width_multiplier = 0.125  # Half the teacher's width.
+        config.model.width_multiplier = config_base.DIGITS_WIDTH / 2  # Half the teacher's width.
         config.seed_distill.queue_size = 1024
         config.num_epochs = 40.0
         config.loop.checkpoint_every_steps = 200

@@ -105,7 +105,7 @@ def _moco(args, mesh):
     config.moco.queue_size = max(args.batch, 4096 // args.batch * args.batch)
     groups = moco.bn_groups(config, mesh)
     model = common.build_model(common.model_kwargs(
-        config.model, projection_dims=list(config.moco.projection_dims), bn_groups=groups))
+        config.model, projection_dims=list(moco.projection_dims(config)), bn_groups=groups))
     tx = optim.make_optimizer(config.optim, optim.make_schedule(
         config.optim, global_batch=args.batch, steps_per_epoch=100, num_epochs=1))
     step = moco.make_train_step(model, tx, config.moco, total_steps=100, shuffle=True)

@@ -32,22 +32,35 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array,
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
 
+MASKED_LOGIT = -1e4  # Logit of an excluded negative: exp() underflows to exactly 0.
+
+
 def margin_info_nce_logits(q: jax.Array, k: jax.Array, queue: jax.Array, *, margin: float,
-                           temperature: float) -> jax.Array:
-    """[B, 1 + K] logits [q.k+ - margin, q.queue_1 .. q.queue_K] / T for unit q, k [B, D], queue [K, D]."""
+                           temperature: float, exclude: jax.Array | None = None) -> jax.Array:
+    """[B, 1 + K] logits [q.k+ - margin, q.queue_1 .. q.queue_K] / T for unit q, k [B, D], queue [K, D].
+
+    ``exclude``: optional bool [B, K]; True drops that queue entry from that query's negatives
+    (its logit becomes MASKED_LOGIT).
+    """
     q, k, queue = (a.astype(jnp.float32) for a in (q, k, queue))
     positive = jnp.sum(q * k, axis=-1, keepdims=True) - margin
     negatives = q @ queue.T
-    return jnp.concatenate([positive, negatives], axis=-1) / temperature
+    logits = jnp.concatenate([positive, negatives], axis=-1) / temperature
+    if exclude is not None:
+        keep = jnp.concatenate([jnp.zeros_like(exclude[:, :1]), exclude], axis=-1)
+        logits = jnp.where(keep, MASKED_LOGIT, logits)
+    return logits
 
 
 def margin_info_nce(q: jax.Array, k: jax.Array, queue: jax.Array, *, margin: float,
-                    temperature: float) -> tuple[jax.Array, jax.Array]:
+                    temperature: float,
+                    exclude: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The Phase-1 loss: CE with label 0 over ``margin_info_nce_logits``; margin 0 = MoCo v2.
 
     Returns (mean loss, logits [B, 1 + K]).
     """
-    logits = margin_info_nce_logits(q, k, queue, margin=margin, temperature=temperature)
+    logits = margin_info_nce_logits(q, k, queue, margin=margin, temperature=temperature,
+                                    exclude=exclude)
     loss = jnp.mean(-jax.nn.log_softmax(logits, axis=-1)[:, 0])
     return loss, logits
 
@@ -73,6 +86,18 @@ def l2_feature_distance(student: jax.Array, teacher: jax.Array) -> jax.Array:
     """The paper's d: squared L2 distance of pooled features [B, C], summed over C, mean over B."""
     diff = student.astype(jnp.float32) - jax.lax.stop_gradient(teacher).astype(jnp.float32)
     return jnp.mean(jnp.sum(diff * diff, axis=-1))
+
+
+def relative_l2_feature_distance(student: jax.Array, teacher: jax.Array,
+                                 eps: float = 1e-12) -> jax.Array:
+    """Scale-free d: ||s - t||^2 / ||t||^2 per example ([B, C] pooled features), mean over B.
+
+    The same L2 pull towards the teacher as ``l2_feature_distance`` divided by the teacher
+    feature's own squared norm, so lambda does not depend on the feature width or scale.
+    """
+    t = jax.lax.stop_gradient(teacher).astype(jnp.float32)
+    diff = student.astype(jnp.float32) - t
+    return jnp.mean(jnp.sum(diff * diff, axis=-1) / jnp.maximum(jnp.sum(t * t, axis=-1), eps))
 
 
 def ofd_margin(bn_scale: jax.Array, bn_bias: jax.Array) -> jax.Array:

@@ -3,6 +3,10 @@
 For every seed in ``config.seeds``, in ``WORKDIR/seed_<s>/<stage>``:
 
     supervised  classification from scratch (no teacher)
+    random      the untrained encoder of Phase 1 (same architecture and initial weights), its
+                BN running statistics fitted on the augmented train images exactly as Phase 1
+                fits its own (Phase 1's config with learning rate 0 for
+                ``config.random_init_bn_epochs``); evaluated by the same k-NN
     moco        Phase 1: margin-MoCo pretraining (k-NN monitor)
     linear      Phase 1 + linear readout (frozen backbone)
     finetune    Phase 1 + full finetune
@@ -27,20 +31,64 @@ import jax
 import ml_collections
 from dvp_jax import config_checks, console, fileio, loop, report
 
-STAGES = ("supervised", "moco", "linear", "finetune", "distill")
+STAGES = ("supervised", "random", "moco", "linear", "finetune", "distill")
 # stage -> (row label of Table 1, starts from Phase 1).
 ROWS = {
     "supervised": ("Supervised from scratch", False),
+    "random": ("Random init (k-NN on the frozen encoder)", False),
     "moco": ("Phase 1 (k-NN on the frozen encoder)", False),
     "linear": ("Phase 1 + linear readout", True),
     "finetune": ("Phase 1 + finetune", True),
     "distill": ("Phase 1 + Phase 2 (ours)", True),
 }
+KNN_STAGES = ("random", "moco")  # Rows measured by the k-NN of the frozen encoder.
+# Paired per-seed comparisons of Table 1: (label, stage a, stage b) -> a - b.
+PAIRS = (("Phase 2 - supervised", "distill", "supervised"),
+         ("Phase 2 - finetune", "distill", "finetune"),
+         ("finetune - supervised", "finetune", "supervised"),
+         ("Phase 1 k-NN - random k-NN", "moco", "random"))
+
+
+def sweep_stage(weight: float) -> str:
+    """Stage name of one Phase-2 lambda of ``config.distill_sweep``, e.g. 'distill_lambda_0.01'."""
+    return f"distill_lambda_{weight:g}"
+
+
+def stages_and_rows(config) -> tuple[list[str], dict]:
+    """The stages run for every seed (STAGES, then one per ``config.distill_sweep`` lambda)
+    and their row labels."""
+    sweep = tuple(float(w) for w in config.get("distill_sweep", ()))
+    rows = dict(ROWS)
+    for w in sweep:
+        rows[sweep_stage(w)] = (f"Phase 1 + Phase 2, lambda = {w:g} (sweep)", True)
+    stages = list(STAGES) + [sweep_stage(w) for w in sweep]
+    return [s for s in stages if s not in config.skip_stages], rows
+
+
+def random_init_config(moco_stage, bn_epochs: float) -> ml_collections.ConfigDict:
+    """The 'random' stage: Phase 1's config with learning rate and weight decay 0 for
+    ``bn_epochs``: the weights stay at Phase 1's initial values (same seed), the momentum
+    encoder equals them, and only the BN running statistics move (to the augmented train
+    images' statistics, with Phase 1's BN groups)."""
+    c = ml_collections.ConfigDict(moco_stage.to_dict())
+    c.optim.base_lr = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.schedule = "constant"
+    c.optim.warmup_epochs = 0.0
+    c.num_epochs = float(bn_epochs)
+    c.loop.eval_every_epochs = 0.0
+    return c
 
 
 def stage_config(config, stage: str, seed: int, workdir: str) -> ml_collections.ConfigDict:
     """The trainer config of one stage: shared input/model/seed copied in, Phase 1 wired."""
-    c = ml_collections.ConfigDict(config.stages[stage].to_dict())
+    if stage == "random":
+        c = random_init_config(config.stages.moco, config.random_init_bn_epochs)
+    elif stage.startswith("distill_lambda_"):
+        c = ml_collections.ConfigDict(config.stages.distill.to_dict())
+        c.distill.weight = float(stage[len("distill_lambda_"):])
+    else:
+        c = ml_collections.ConfigDict(config.stages[stage].to_dict())
     c.input = ml_collections.ConfigDict(config.input.to_dict())
     c.model = ml_collections.ConfigDict(config.model.to_dict())
     c.seed = seed
@@ -50,7 +98,7 @@ def stage_config(config, stage: str, seed: int, workdir: str) -> ml_collections.
     phase1 = os.path.join(workdir, f"seed_{seed}", "moco", "checkpoints")
     if stage in ("linear", "finetune"):
         c.classify.init_checkpoint = phase1
-    elif stage == "distill":
+    elif stage.startswith("distill"):
         c.distill.teacher_checkpoint = phase1
     return c
 
@@ -60,13 +108,13 @@ def _evaluate_stage(stage: str, stage_dir: str, splits, stage_cfg) -> dict:
     ckpt = os.path.join(stage_dir, "checkpoints")
     results = {}
     for split in splits:
-        knn = stage == "moco"
+        knn = stage in KNN_STAGES
         r = evaluate.evaluate_checkpoints(
             [ckpt], split=split, input_config=stage_cfg.input, knn=knn,
             knn_k=stage_cfg.knn.k if knn else 200,
             knn_temperature=stage_cfg.knn.temperature if knn else 0.1,
             batch_size=stage_cfg.batch_size)
-        results[split] = r["knn_top1"] if stage == "moco" else r["top1"]
+        results[split] = r["knn_top1"] if knn else r["top1"]
     return results
 
 
@@ -115,14 +163,14 @@ def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
     accuracies = _evaluate_stage(stage, stage_dir, config.eval_splits, c)
     if jax.process_index() == 0:
         console.say(f"seed {seed} · {stage}: " + _accuracy_text(accuracies))
-    uses_phase1 = stage != "supervised"
+    uses_phase1 = stage not in ("supervised", "random")
     # 'accuracy' is the final epoch's; 'best_val_epoch' the reference code's protocol (the
     # best of the periodic evaluations on input.eval_split; None for the k-NN of Phase 1).
     from dvp_jax.trainers import classify
     record = {"stage": stage, "seed": seed, "accuracy": accuracies, "accuracy_label": "final",
               "best_val_epoch": classify.read_best(stage_dir, c.input.eval_split),
               "pretrain_epochs": config.stages.moco.num_epochs if uses_phase1 else 0,
-              "train_epochs": 0 if stage == "moco" else c.num_epochs,
+              "train_epochs": 0 if stage in KNN_STAGES else c.num_epochs,
               "workdir": stage_dir}
     if jax.process_index() == 0:
         fileio.write_json(done_path, record, sort_keys=False)
@@ -138,14 +186,14 @@ def train(config, workdir: str, mesh=None) -> dict:
     """Runs every stage for every seed, then writes and prints the results table."""
     loop.check_or_save_config(config, workdir)
     records = []
+    stages, rows = stages_and_rows(config)
     for seed in config.seeds:
-        for stage in STAGES:
-            if stage in config.skip_stages:
-                continue
+        for stage in stages:
             records.append(run_stage(config, stage, seed, workdir))
-    results = report.summarise(records, ROWS, config.eval_splits)
+    results = report.summarise(records, rows, config.eval_splits)
+    paired = report.paired_differences(records, PAIRS, config.eval_splits)
     if jax.process_index() == 0:
-        report.write_all(results, records, workdir)
-        print(report.markdown_table(results, config.eval_splits), flush=True)
+        report.write_all(results, records, workdir, paired=paired)
+        print(report.markdown_table(results, config.eval_splits, paired), flush=True)
     return results
 

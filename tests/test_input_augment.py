@@ -88,14 +88,36 @@ def test_color_jitter_identity_factors_and_grayscale():
     assert np.allclose(desaturated[..., 0], desaturated[..., 1], atol=1e-6)
 
 
-def test_gaussian_blur_preserves_constant_and_kernel_sizes():
-    assert augment.blur_kernel_size(224) == 23 and augment.blur_kernel_size(32) == 3
+def numpy_gaussian_blur(x, sigma):
+    """Reference: separable Gaussian, taps |t| <= ceil(3 sigma), reflect padding, [H, W, C]."""
+    half = int(np.ceil(3 * sigma))
+    taps = np.arange(-half, half + 1)
+    k = np.exp(-taps ** 2 / (2 * sigma ** 2))
+    k /= k.sum()
+    p = np.pad(x, [(half, half), (half, half), (0, 0)], mode="reflect")
+    rows = sum(k[i] * p[i:i + x.shape[0]] for i in range(len(k)))
+    return sum(k[i] * rows[:, i:i + x.shape[1]] for i in range(len(k)))
+
+
+def test_gaussian_blur_kernel_is_sized_from_sigma_in_pixels():
+    # 2 * ceil(3 sigma) + 1, capped by the image (largest odd side <= image size).
+    assert augment.blur_kernel_size(2.0, 224) == 13
+    assert augment.blur_kernel_size(2.0, 16) == 13
+    assert augment.blur_kernel_size(0.5, 16) == 5
+    assert augment.blur_kernel_size(0.1, 16) == 3
+    assert augment.blur_kernel_size(2.0, 8) == 7
     x = tf.fill([9, 9, 3], 0.25)
-    assert np.allclose(augment.gaussian_blur(x, 1.5, 5), 0.25, atol=1e-6)
-    impulse = np.zeros([9, 9, 1], np.float32)
-    impulse[4, 4] = 1.0
-    y = augment.gaussian_blur(tf.constant(impulse), 1.0, 5).numpy()[..., 0]
-    assert np.isclose(y.sum(), 1.0, atol=1e-5) and y[4, 4] == y.max() and y[4, 2] > 0
+    assert np.allclose(augment.gaussian_blur(x, 1.5, 9), 0.25, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.4, 1.3, 2.0])
+def test_gaussian_blur_at_16px_matches_numpy_gaussian(sigma):
+    """At 16 px (the digits preset) the blur is not a no-op and equals a numpy Gaussian of the
+    same sigma in pixels (the old kernel, 10% of the image, was 1 tap: no blur at all)."""
+    x = np.random.default_rng(0).uniform(size=(16, 16, 3)).astype(np.float32)
+    y = augment.gaussian_blur(tf.constant(x), tf.constant(sigma), 16).numpy()
+    assert np.abs(y - x).mean() > 0.02  # sigma 0.4: 0.043; sigma 2: about 0.2.
+    np.testing.assert_allclose(y, numpy_gaussian_blur(x.astype(np.float64), sigma), atol=1e-5)
 
 
 def test_ten_crop_boxes():

@@ -3,12 +3,13 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 
 from configs import pipeline as pipeline_configs
 from dvp_jax import jsonfmt, pipeline, train
 
-STAGES = ("supervised", "moco", "linear", "finetune", "distill")
+STAGES = ("supervised", "random", "moco", "linear", "finetune", "distill")
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +101,59 @@ def test_a_finished_stage_with_a_changed_config_is_not_skipped(tmp_path):
     assert pipeline.finished_record(stage_dir, c) == record
     c.optim.base_lr = c.optim.base_lr * 2  # A result-changing change: run again.
     assert pipeline.finished_record(stage_dir, c) is None
+
+
+def test_results_md_equals_the_per_stage_results(finished):
+    """Every cell of results.md (mean ± sample std, ddof = 1) and every paired difference with
+    its 95% t-interval is recomputed here from the stages' own done.json files."""
+    from scipy import stats
+    workdir, config, _ = finished
+    done = {}
+    for seed in config.seeds:
+        for stage in STAGES:
+            with open(os.path.join(workdir, f"seed_{seed}", stage, "done.json")) as f:
+                done[(stage, seed)] = json.load(f)["accuracy"]
+    table = open(os.path.join(workdir, "results.md")).read()
+    assert "sample std (ddof = 1)" in table
+    for stage in STAGES:
+        label = pipeline.ROWS[stage][0]
+        line = next(l for l in table.splitlines() if l.startswith(f"| {label} |"))
+        for split in config.eval_splits:
+            v = np.array([done[(stage, s)][split] for s in config.seeds])
+            std = v.std(ddof=1) if len(v) > 1 else 0.0
+            assert f"{v.mean():.1f} ± {std:.1f}" in line
+    for label, a, b in pipeline.PAIRS:
+        line = next(l for l in table.splitlines() if l.startswith(f"| {label} |"))
+        for split in config.eval_splits:
+            d = np.array([done[(a, s)][split] - done[(b, s)][split] for s in config.seeds])
+            assert f"{d.mean():+.1f}" in line
+            if len(d) > 1:
+                half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+                assert f"[{d.mean() - half:+.1f}, {d.mean() + half:+.1f}]" in line
+
+
+def test_paired_intervals_and_readme_section(tmp_path):
+    """t-intervals against numbers worked by hand, and the README section rewrite."""
+    from dvp_jax import report
+    # d = [1, 2, 3]: mean 2, sd 1, t(0.975, 2) = 4.302653 -> 2 ± 2.484138.
+    mean, low, high = report.t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and np.isclose(low, 2 - 2.484138, atol=1e-5)
+    assert np.isclose(high, 2 + 2.484138, atol=1e-5)
+    records = [{"stage": st, "seed": s, "accuracy": {"val": acc}, "pretrain_epochs": 0,
+                "train_epochs": 0} for st, s, acc in
+               [("a", 0, 50.0), ("a", 1, 52.0), ("a", 2, 55.0),
+                ("b", 0, 49.0), ("b", 1, 50.0), ("b", 2, 52.0)]]
+    (p,) = report.paired_differences(records, [("a - b", "a", "b")], ["val"])
+    assert p["val"]["per_seed"] == [1.0, 2.0, 3.0] and not p["val"]["significant"]
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:x -->\nold\n<!-- /results:x -->\nend\n")
+    results = tmp_path / "results.json"
+    rows = report.summarise(records, {"a": ("A", False), "b": ("B", False)}, ["val"])
+    results.write_text(json.dumps({"rows": rows, "paired": [p]}))
+    assert report.main([str(results), "--readme", str(readme), "--section", "x"]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- results:x -->\n| method") and text.endswith(
+        "<!-- /results:x -->\nend\n")
+    assert "old" not in text and "| A | - | - | 52.3 ± 2.5 |" in text
+    assert "| a - b | +2.0 [-0.5, +4.5] |" in text
+    assert report.main([str(results), "--readme", str(readme), "--section", "missing"]) == 2

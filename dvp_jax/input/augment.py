@@ -138,11 +138,12 @@ JITTER_STRENGTH = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue":
 P_JITTER, P_GRAY, P_BLUR, BLUR_SIGMA = 0.8, 0.2, 0.5, (0.1, 2.0)
 
 
-def sample_moco_view_params(seed) -> dict:
+def sample_moco_view_params(seed, *, p_jitter: float = P_JITTER, p_blur: float = P_BLUR,
+                            p_flip: float = 0.5) -> dict:
     """Every random decision of one MoCo v2 view except its crop box (which needs the image size).
 
-    Returns scalars: 'jitter', 'grayscale', 'blur', 'flip' (bool; probabilities 0.8, 0.2, 0.5,
-    0.5), 'brightness', 'contrast', 'saturation' (factors ~ U[0.6, 1.4]), 'hue' (shift in
+    Returns scalars: 'jitter', 'grayscale', 'blur', 'flip' (bool; probabilities p_jitter (0.8),
+    0.2, p_blur (0.5), p_flip (0.5)), 'brightness', 'contrast', 'saturation' (factors ~ U[0.6, 1.4]), 'hue' (shift in
     fractions of the colour circle ~ U[-0.1, 0.1]), 'sigma' (blur sigma in pixels ~ U[0.1, 2]);
     and 'jitter_order' int32 [4]: the order of brightness(0), contrast(1), saturation(2), hue(3),
     a uniform random permutation as in torchvision's ColorJitter.
@@ -150,16 +151,16 @@ def sample_moco_view_params(seed) -> dict:
     s = _split_seed(seed, 10)
     b, c, sat, hue = (JITTER_STRENGTH[k] for k in ("brightness", "contrast", "saturation", "hue"))
     return {
-        "jitter": _uniform(s[0]) < P_JITTER,
+        "jitter": _uniform(s[0]) < p_jitter,
         "jitter_order": tf.cast(tf.argsort(_uniform(s[1], [4]), stable=True), tf.int32),
         "brightness": _uniform(s[2], (), 1 - b, 1 + b),
         "contrast": _uniform(s[3], (), 1 - c, 1 + c),
         "saturation": _uniform(s[4], (), 1 - sat, 1 + sat),
         "hue": _uniform(s[5], (), -hue, hue),
         "grayscale": _uniform(s[6]) < P_GRAY,
-        "blur": _uniform(s[7]) < P_BLUR,
+        "blur": _uniform(s[7]) < p_blur,
         "sigma": _uniform(s[8], (), BLUR_SIGMA[0], BLUR_SIGMA[1]),
-        "flip": _uniform(s[9]) < 0.5,
+        "flip": _uniform(s[9]) < p_flip,
     }
 
 
@@ -193,42 +194,62 @@ def color_jitter(x: tf.Tensor, params: dict) -> tf.Tensor:
     return x
 
 
-def blur_kernel_size(image_size: int) -> int:
-    """Odd Gaussian kernel side, about 10% of the image (SimCLR): 224 -> 23, 32 -> 3."""
-    k = max(int(0.1 * image_size), 1)
-    return k if k % 2 else k + 1
+def blur_kernel_size(sigma: float, image_size: int) -> int:
+    """Odd Gaussian kernel side for ``sigma`` pixels: 2 * ceil(3 * sigma) + 1, capped by the image
+    (the largest odd side <= image_size). sigma 2 -> 13, sigma 0.5 -> 5; at 8 px sigma 2 -> 7."""
+    side = 2 * math.ceil(3.0 * sigma) + 1
+    cap = image_size if image_size % 2 else image_size - 1
+    return max(1, min(side, cap))
 
 
-def gaussian_blur(x: tf.Tensor, sigma, kernel_size: int) -> tf.Tensor:
-    """Separable Gaussian blur of float [H, W, C] (reflect padding), ``sigma`` in pixels."""
-    half = kernel_size // 2
+def gaussian_blur(x: tf.Tensor, sigma, image_size: int, sigma_max: float = BLUR_SIGMA[1]) -> tf.Tensor:
+    """Separable Gaussian blur of float [H, W, C] (reflect padding), ``sigma`` in pixels.
+
+    The kernel has side ``blur_kernel_size(sigma, image_size)`` (taps |t| <= ceil(3 sigma), at
+    most the image's side), so sigma means the same at 16, 32 and 224 px (PIL's GaussianBlur
+    radius, as MoCo v2). ``sigma`` may be a tensor <= sigma_max: one static kernel of the largest
+    side is built and the taps outside the sigma's own side are zeroed.
+    """
+    half = blur_kernel_size(sigma_max, image_size) // 2
     if half == 0:
         return x
+    sigma = tf.cast(sigma, tf.float32)
     taps = tf.range(-half, half + 1, dtype=tf.float32)
-    k = tf.exp(-(taps ** 2) / (2.0 * tf.cast(sigma, tf.float32) ** 2))
+    reach = tf.minimum(tf.math.ceil(3.0 * sigma), float(half))
+    k = tf.where(tf.abs(taps) <= reach, tf.exp(-(taps ** 2) / (2.0 * sigma ** 2)), 0.0)
     k = k / tf.reduce_sum(k)
     channels = x.shape[-1]
+    side = 2 * half + 1
     y = tf.pad(x[None], [[0, 0], [half, half], [half, half], [0, 0]], mode="REFLECT")
-    kv = tf.tile(tf.reshape(k, [kernel_size, 1, 1, 1]), [1, 1, channels, 1])
-    kh = tf.tile(tf.reshape(k, [1, kernel_size, 1, 1]), [1, 1, channels, 1])
+    kv = tf.tile(tf.reshape(k, [side, 1, 1, 1]), [1, 1, channels, 1])
+    kh = tf.tile(tf.reshape(k, [1, side, 1, 1]), [1, 1, channels, 1])
     y = tf.nn.depthwise_conv2d(y, kv, [1, 1, 1, 1], "VALID")
     y = tf.nn.depthwise_conv2d(y, kh, [1, 1, 1, 1], "VALID")
     return y[0]
 
 
-def moco_view(image: tf.Tensor, seed, *, image_size: int, input_config,
-              scale=(0.2, 1.0)) -> tf.Tensor:
-    """One MoCo v2 view: RRC(scale) -> jitter(p .8) -> gray(p .2) -> blur(p .5) -> flip -> normalise."""
+def moco_view_settings(input_config) -> dict:
+    """The view's strengths from ``input.moco_*`` (MoCo v2's ImageNet values when absent)."""
+    return {"scale": tuple(float(v) for v in input_config.get("moco_crop_scale", (0.2, 1.0))),
+            "p_flip": float(input_config.get("moco_flip_prob", 0.5)),
+            "p_blur": float(input_config.get("moco_blur_prob", P_BLUR)),
+            "p_jitter": float(input_config.get("moco_jitter_prob", P_JITTER))}
+
+
+def moco_view(image: tf.Tensor, seed, *, image_size: int, input_config) -> tf.Tensor:
+    """One MoCo v2 view: RRC(input.moco_crop_scale) -> jitter(p .8) -> gray(p .2) -> blur(p .5)
+    -> flip(p .5) -> normalise (probabilities from input.moco_*_prob)."""
+    settings = moco_view_settings(input_config)
     crop_seed, param_seed = _split_seed(seed, 2)
-    p = sample_moco_view_params(param_seed)
+    p = sample_moco_view_params(param_seed, p_jitter=settings["p_jitter"],
+                                p_blur=settings["p_blur"], p_flip=settings["p_flip"])
     shape = tf.shape(image)
-    box = random_resized_crop_box(shape[0], shape[1], crop_seed, scale=scale)
+    box = random_resized_crop_box(shape[0], shape[1], crop_seed, scale=settings["scale"])
     x = crop_and_resize(image, box, image_size, _antialias(input_config)) * (1.0 / 255.0)
     x = tf.clip_by_value(x, 0.0, 1.0)  # Guards against float rounding in the resize.
     x = tf.cond(p["jitter"], lambda: color_jitter(x, p), lambda: x)
     x = tf.cond(p["grayscale"], lambda: gray_rgb(x), lambda: x)
-    k = blur_kernel_size(image_size)
-    x = tf.cond(p["blur"], lambda: gaussian_blur(x, p["sigma"], k), lambda: x)
+    x = tf.cond(p["blur"], lambda: gaussian_blur(x, p["sigma"], image_size), lambda: x)
     x = tf.cond(p["flip"], lambda: tf.reverse(x, axis=[1]), lambda: x)
     return tf.reshape(normalize(x, input_config), [image_size, image_size, 3])
 

@@ -31,6 +31,14 @@ def build_model(kwargs: dict):
     return models.build(kwargs.pop("name"), **kwargs)
 
 
+def feature_width(config) -> int:
+    """C: the width of the backbone's 'pooled' feature for ``config.model`` (shape-only trace)."""
+    backbone = build_model(model_kwargs(config.model))
+    shapes = jax.eval_shape(lambda: backbone.init_with_output(
+        jax.random.PRNGKey(0), dummy_images(config), train=False)[0])
+    return int(shapes["pooled"].shape[-1])
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSizes:
     """Sizes a trainer derives from the data and the config."""

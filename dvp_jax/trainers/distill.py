@@ -9,6 +9,9 @@ with lambda(step) = config.distill.weight once ``step >= start_epochs * steps_pe
 d (config.distill.kind):
   'l2'   the paper's text: squared L2 distance of the pooled backbone features [B, C], summed
          over C, mean over B (objectives.l2_feature_distance); lambda = 1e-4.
+  'l2_relative'  the same distance divided per example by the teacher feature's squared norm,
+         ||s - t||^2 / ||t||^2 (objectives.relative_l2_feature_distance): scale-free, so
+         lambda carries over between feature widths and data sets.
   'ofd'  the released code (Heo et al.'s OFD): the pre-ReLU outputs of the 4 stages; on the
          student side a trainable 1x1 conv (no bias) + BN "connector" per stage; per-channel
          margins from the teacher's last BN of each stage (objectives.ofd_margin, computed once
@@ -47,7 +50,7 @@ from dvp_jax import loop, models, objectives, sharding
 from dvp_jax.models.layers import BatchNorm, conv
 from dvp_jax.trainers import classify, common, pretrained
 
-KINDS = ("l2", "ofd")
+KINDS = ("l2", "l2_relative", "ofd")
 TEACHER_BN = ("eval", "train")
 STUDENT_INIT = ("teacher", "random")
 STAGES = ("stage1", "stage2", "stage3", "stage4")
@@ -151,7 +154,9 @@ def make_distill_term(teacher_model, dc, *, start_step: int, connectors: Connect
                                     [state["ofd_margins"][s] for s in STAGES])
             updates = {"connector_batch_stats": new_vars["batch_stats"]}
         else:
-            d = objectives.l2_feature_distance(out["pooled"], context["pooled"])
+            distance = (objectives.relative_l2_feature_distance if kind == "l2_relative"
+                        else objectives.l2_feature_distance)
+            d = distance(out["pooled"], context["pooled"])
             updates = {}
         lam = jnp.where(state["step"] >= start_step, weight, 0.0).astype(jnp.float32)
         return lam * d, updates, {"distill": d, "distill_weight": lam}

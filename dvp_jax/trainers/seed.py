@@ -69,11 +69,7 @@ def student_model_kwargs(config, embedding_dim: int, groups: int) -> dict:
     """Student build kwargs: config.model + head (hidden, embedding_dim); hidden 0 = backbone C."""
     hidden = int(config.seed_distill.hidden_dim)
     if hidden <= 0:
-        backbone = common.build_model(common.model_kwargs(config.model))
-        shapes = jax.eval_shape(
-            lambda: backbone.init_with_output(jax.random.PRNGKey(0), common.dummy_images(config),
-                                              train=False)[0])
-        hidden = int(shapes["pooled"].shape[-1])
+        hidden = common.feature_width(config)
     return common.model_kwargs(config.model, projection_dims=[hidden, int(embedding_dim)],
                                bn_groups=groups)
 
