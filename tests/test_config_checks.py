@@ -14,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
                       if f.endswith(".py") and not f.startswith("_"))
 # Wrong values tried, by the type of the key's default (the first one a rule refuses is used).
-CANDIDATES = {str: ["no_such_value", ""], int: [-1, 0], float: [-1.0, 2.0, 0.0]}
+CANDIDATES = {str: ["no_such_value", ""], int: [-1, 0], float: [-1.0, 2.0, 0.0],
+              tuple: [(0.0, 1.0), (0.8, 0.2), (0.5, 2.0)]}
 
 
 def presets(name):
