@@ -254,7 +254,7 @@ def _restore_latest(task: Task, config, ckpt_dir: str, mesh):
         except Exception as e:
             _set_aside(ckpt_dir, start, e)
             continue
-        console.say(f"{task.name}: resumed from step {start} of {ckpt_dir}")
+        log.info("[%s] resumed from step %d of %s", task.name, start, ckpt_dir)
         return mngr, restored[checkpoints.STATE_ITEM], start
 
 

@@ -76,7 +76,8 @@ def test_runlocal_console_is_quiet_with_progress_and_table(runlocal):
     assert any(re.match(r"seed 0 · supervised: val top-1 \d+\.\d\d  test top-1 \d+\.\d\d$", line)
                for line in lines)
     # The final table on stdout.
-    assert "| method | pretrain epochs | train epochs | val top-1 (%) | test top-1 (%) |" in r.stdout
+    header = "| method | pretrain epochs | train epochs | val top-1 (%) final | test top-1 (%) final |"
+    assert header in r.stdout
     assert "| Supervised from scratch |" in r.stdout
     assert len(lines) < 20, lines
 

@@ -36,7 +36,7 @@ def test_every_artefact_exists_and_is_well_formed(finished):
     assert "val top-1 (%) final" in table and "±" in table
     assert "best val epoch (reference protocol)" in table
     for row in saved["rows"]:  # The reference's protocol beside the final epoch (not k-NN).
-        if row["stage"] == "moco":
+        if row["stage"] in pipeline.KNN_STAGES:
             assert "best_val_epoch" not in row
         else:
             assert row["best_val_epoch"]["split"] == "val"

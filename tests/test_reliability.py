@@ -205,7 +205,7 @@ def test_sigint_saves_then_a_fresh_process_resumes_bitwise(uninterrupted, tmp_pa
     assert 3 <= step < 16 and step == last_logged_step(workdir)
     resumed = run_cli(workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from step {step}" in resumed.stderr
+    assert f"resuming from step {step}" in resumed.stderr
     state, final = final_state(workdir)
     assert final == 16
     assert_states_equal(uninterrupted[0], state)
@@ -250,7 +250,7 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes(uninterrup
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "Checkpoint" in proc.stderr and "is damaged" in proc.stderr
-    assert "resumed from step 12" in proc.stderr
+    assert "resuming from step 12" in proc.stderr
     damaged = sorted(os.listdir(os.path.join(workdir, "checkpoints_damaged")))
     assert [d.split(".")[0] for d in damaged] == ["14", "16"]
     kept = {os.path.relpath(os.path.join(r, n), os.path.join(workdir, "checkpoints_damaged"))
