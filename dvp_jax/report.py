@@ -79,7 +79,8 @@ def paired_differences(records: list[dict], pairs, splits) -> list[dict]:
     """Per-seed differences a - b for each (label, stage a, stage b) in ``pairs``.
 
     Only seeds that ran both stages count. Each item: label, a, b, seeds, and per split
-    {'per_seed', 'mean', 'ci95': [low, high], 'significant'} (the interval excludes 0).
+    {'per_seed', 'mean', 'ci95': [low, high] or None (one seed), 'significant'} (the interval
+    excludes 0).
     """
     by_key = {(r["stage"], r["seed"]): r for r in records}
     out = []
@@ -92,8 +93,10 @@ def paired_differences(records: list[dict], pairs, splits) -> list[dict]:
             d = [float(by_key[(a, s)]["accuracy"][split]) - float(by_key[(b, s)]["accuracy"][split])
                  for s in seeds]
             mean, low, high = t_interval(d)
-            item[split] = {"per_seed": d, "mean": mean, "ci95": [low, high],
-                           "significant": bool(low > 0 or high < 0)}
+            bounded = not math.isnan(low)  # One seed: no interval (null in JSON).
+            item[split] = {"per_seed": d, "mean": mean,
+                           "ci95": [low, high] if bounded else None,
+                           "significant": bool(bounded and (low > 0 or high < 0))}
         out.append(item)
     return out
 
@@ -103,8 +106,9 @@ def paired_table(paired: list[dict], splits) -> str:
     lines = ["| paired difference (points) | " + " | ".join(
         f"{s}: mean [95% CI]" for s in splits) + " |", "|" + "---|" * (1 + len(splits))]
     for p in paired:
-        cells = [f"{p[s]['mean']:+.1f} [{p[s]['ci95'][0]:+.1f}, {p[s]['ci95'][1]:+.1f}]"
-                 + (" *" if p[s]["significant"] else "") for s in splits]
+        cells = [f"{p[s]['mean']:+.1f} " + (
+            f"[{p[s]['ci95'][0]:+.1f}, {p[s]['ci95'][1]:+.1f}]" if p[s]["ci95"] else
+            "[n/a: 1 seed]") + (" *" if p[s]["significant"] else "") for s in splits]
         lines.append(f"| {p['label']} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Per-seed differences over seeds {paired[0]['seeds'] if paired else []}, "
@@ -115,6 +119,8 @@ def paired_table(paired: list[dict], splits) -> str:
             if p[s]["significant"]:
                 words.append(f"significant on {s} ({'a gain' if p[s]['mean'] > 0 else 'a loss'}"
                              f" of {abs(p[s]['mean']):.1f} points)")
+            elif p[s]["ci95"] is None:
+                words.append(f"no interval on {s} (one seed)")
             else:
                 words.append(f"not significant on {s}")
         lines.append(f"- {p['label']}: " + "; ".join(words) + ".")

@@ -4,6 +4,7 @@ The subprocess runs use the CLI exactly as a user would; the persistent compilat
 (tests/conftest.py) lets them reuse the programs the in-process runs compiled.
 """
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -261,15 +262,16 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes(uninterrup
     assert_states_equal(uninterrupted[0], state)
 
 
-# What TensorStore (under Orbax) raises on a full disk, as seen on a 6 MB tmpfs.
-DISK_FULL = """
+# What TensorStore (under Orbax) raises on a full disk (seen on a 6 MB tmpfs) or a read-only
+# file system: the OS error text and code inside a ValueError.
+DISK_ERROR = """
 import sys
 import orbax.checkpoint as ocp
 real = ocp.CheckpointManager.save
 def save(self, step, *a, **k):
     if step >= 6:
         raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: Failed to write 36935 "
-                         "bytes to file 19: No space left on device [os_error_code='28']")
+                         "bytes to file 19: {text} [os_error_code='{code}']")
     return real(self, step, *a, **k)
 ocp.CheckpointManager.save = save
 from absl import app
@@ -279,13 +281,16 @@ app.run(main.main, flags_parser=main.parse_flags)
 """
 
 
-def test_a_full_disk_during_a_save_stops_clearly_and_keeps_the_previous_checkpoint(tmp_path):
-    """ENOSPC injected into the checkpoint save of step 6 of a real CLI run, in the form
-    TensorStore raises it (a run on a real 6 MB tmpfs got the same error and message)."""
-    workdir = str(tmp_path / "full")
-    proc = run_cli(workdir, prefix=(sys.executable, "-c", DISK_FULL))
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["disk_full", "read_only"])
+def test_a_disk_error_during_a_save_stops_clearly_and_keeps_the_previous_checkpoint(code,
+                                                                                     tmp_path):
+    """ENOSPC / EROFS injected into the checkpoint save of step 6 of a real CLI run, in the
+    form TensorStore raises it (a run on a real 6 MB tmpfs got the same error and message)."""
+    workdir = str(tmp_path / "disk")
+    script = DISK_ERROR.replace("{text}", os.strerror(code)).replace("{code}", str(code))
+    proc = run_cli(workdir, prefix=(sys.executable, "-c", script))
     line = one_error_line(proc)
-    assert "No space left on device" in line and "step 6" in line, line
+    assert os.strerror(code) in line and "step 6" in line, line
     assert "previous checkpoint (step 4) is intact" in line, line
     meta, _, step = checkpoints.load_raw(os.path.join(workdir, "checkpoints"))
     assert step == 4 and meta["trainer"] == "moco"
