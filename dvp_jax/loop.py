@@ -356,7 +356,7 @@ def _run_locked(task: Task, config, workdir: str, mesh) -> Any:
         batches = prefetch_to_mesh(task.train_batches(start), mesh, config.input.prefetch)
         for step in range(start + 1, task.total_steps + 1):
             state, metrics = step_fn(state, next(batches))
-            preempt = preemption.agreed()
+            preempt = preemption.agreed(after=metrics)
             pending.append((step, metrics))
             at_log = step % lc.log_every_steps == 0 or step == task.total_steps
             at_ckpt = step % lc.checkpoint_every_steps == 0 or step == task.total_steps

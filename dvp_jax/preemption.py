@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from typing import Any
 
 import jax
 import numpy as np
@@ -113,12 +114,22 @@ def check(where: str = "") -> None:
         raise Preempted(None, where)
 
 
-def agreed() -> bool:
+def agreed(after: Any = None) -> bool:
     """True on every process once any process got a stop signal (one process: this one's
     flag). Multi-host: one small all-gather of the flags per call (the loop calls it after
-    every step, so all processes stop after the same step)."""
+    every step, so all processes stop after the same step).
+
+    ``after``: arrays of the step just dispatched. On CPU (gloo collectives) they are waited
+    for first: XLA:CPU may start this all-gather while the step's own gradient all-reduce is
+    still running, and gloo pairs collectives by their order in each process, so two
+    processes that start them in different orders wait for each other forever (seen as a
+    hang at the first step on a loaded 2-core machine). GPU/TPU order collectives on one
+    stream per device and do not wait.
+    """
     if jax.process_count() == 1:
         return requested()
+    if after is not None and jax.default_backend() == "cpu":
+        jax.block_until_ready(after)
     from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.array(int(requested()), np.int32))
     return bool(np.any(flags))
