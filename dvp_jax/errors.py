@@ -8,4 +8,8 @@ class UserError(Exception):
     """A problem with the input the user gave; the message says what and how to fix it."""
 
 
+class DataError(UserError, ValueError):
+    """A data set, split, folder or file is missing or unusable; the message says how to fix it."""
+
+
 USER_ERRORS = (UserError,)
