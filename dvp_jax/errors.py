@@ -4,7 +4,9 @@ with code 2; anything else is a bug and keeps its traceback.
 
 A leaf module (imports nothing of dvp_jax), so that any layer can raise the errors that several
 layers share: ConfigError (config_checks, sharding, trainers) and DataError (the input sources,
-caught by the evaluator's command line).
+caught by the evaluator's command line). An error that one module raises and only its callers
+catch (checkpoints.CheckpointError, fileio.WorkdirFileError, loop.NonFiniteError, ...) is
+defined beside its raiser, as a subclass of UserError.
 """
 
 

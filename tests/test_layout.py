@@ -129,3 +129,21 @@ def test_every_registered_trainer_module_defines_train():
     # A leaf: the modules that read it (config_checks, train, pipeline) import nothing for it.
     assert _imports("dvp_jax.registry", modules["dvp_jax.registry"], modules) == set()
     assert _imports("dvp_jax.errors", modules["dvp_jax.errors"], modules) == set()
+
+
+def test_every_error_class_is_a_user_error():
+    """One user-error path: each ``*Error`` class of the package derives from errors.UserError
+    (the command lines print those in one line and exit 2)."""
+    bases = {}
+    for path in _modules().values():
+        with open(path, encoding="utf-8") as f:
+            for node in ast.walk(ast.parse(f.read())):
+                if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+                    bases[node.name] = [ast.unparse(b).rpartition(".")[2] for b in node.bases]
+
+    def is_user_error(name, seen=()):
+        return name == "UserError" or any(
+            b in bases and b not in seen and is_user_error(b, seen + (name,)) for b in bases[name])
+
+    assert len(bases) > 10
+    assert not [n for n in bases if not is_user_error(n)]
