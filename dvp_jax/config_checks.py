@@ -9,15 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from dvp_jax import errors
+from dvp_jax import registry
+from dvp_jax.errors import ConfigError
 
 SOURCE_KINDS = ("digits", "synthetic", "tfds:NAME", "folder:PATH")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "step", "constant", "seed_epoch_cosine")
-
-
-class ConfigError(errors.UserError, ValueError):
-    """A config value is not allowed."""
 
 
 def _get(config, dotted: str) -> Any:
@@ -39,10 +36,9 @@ def _source_ok(source: str) -> bool:
 
 def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
     from dvp_jax import models
-    from dvp_jax.train import TRAINERS
     positive = (lambda v: v > 0, "a number > 0")
     return [
-        ("trainer", lambda v: v in TRAINERS, f"one of {', '.join(TRAINERS)}"),
+        ("trainer", lambda v: v in registry.TRAINERS, f"one of {', '.join(registry.TRAINERS)}"),
         ("model.name", lambda v: v in models.NAMES, f"one of {', '.join(models.NAMES)}"),
         ("model.dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
         ("model.width_multiplier", *positive),

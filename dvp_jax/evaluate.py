@@ -472,9 +472,7 @@ def summary_line(result: dict) -> str:
 def is_user_error(e: BaseException) -> bool:
     """A missing / unreadable checkpoint, impossible options or unusable data: reported in one
     line (exit code 2) instead of a traceback."""
-    data_error = getattr(sys.modules.get("dvp_jax.input.sources"), "DataError", None)
-    return isinstance(e, (checkpoints.CheckpointError, EvaluationError)) or (
-        data_error is not None and isinstance(e, data_error))
+    return isinstance(e, (checkpoints.CheckpointError, EvaluationError, errors.DataError))
 
 
 def _define_flags() -> None:

@@ -29,7 +29,7 @@ import os
 
 import jax
 import ml_collections
-from dvp_jax import config_checks, console, fileio, loop, report
+from dvp_jax import config_checks, console, fileio, loop, registry, report
 
 STAGES = ("supervised", "random", "moco", "linear", "finetune", "distill")
 # stage -> (row label of Table 1, starts from Phase 1).
@@ -145,7 +145,6 @@ def finished_record(stage_dir: str, stage_cfg) -> dict | None:
 
 def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
     """Trains (or resumes, or skips) one stage and returns {'val': top1, 'test': top1, ...}."""
-    from dvp_jax import train as train_lib
     stage_dir = os.path.join(workdir, f"seed_{seed}", stage)
     done_path = os.path.join(stage_dir, "done.json")
     c = stage_config(config, stage, seed, workdir)
@@ -157,7 +156,7 @@ def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
         return record
     config_checks.validate(c)
     loop.set_stage_label(f"seed {seed} · {stage}")
-    module = importlib.import_module(train_lib.TRAINERS[c.trainer])
+    module = importlib.import_module(registry.TRAINERS[c.trainer])
     module.train(c, stage_dir, None)
     loop.set_stage_label("")
     accuracies = _evaluate_stage(stage, stage_dir, config.eval_splits, c)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from dvp_jax.config_checks import ConfigError
+from dvp_jax.errors import ConfigError
 
 DATA_AXIS = "data"
 

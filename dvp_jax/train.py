@@ -1,6 +1,7 @@
 """``train_and_evaluate(config, workdir)``: the one library call behind ``dvp_jax.main``.
 
-Dispatches on ``config.trainer`` to a trainer module with ``train(config, workdir, mesh)``.
+Dispatches on ``config.trainer`` through ``dvp_jax.registry.TRAINERS`` to a trainer module with
+``train(config, workdir, mesh)``.
 Importable from tests and notebooks.
 """
 from __future__ import annotations
@@ -8,17 +9,7 @@ from __future__ import annotations
 import importlib
 
 from dvp_jax import config_checks, sharding
-
-# config.trainer -> module with train(config, workdir, mesh).
-TRAINERS = {
-    "moco": "dvp_jax.trainers.moco",
-    "seed": "dvp_jax.trainers.seed",
-    "supervised": "dvp_jax.trainers.classify",
-    "linear": "dvp_jax.trainers.classify",
-    "finetune": "dvp_jax.trainers.classify",
-    "distill": "dvp_jax.trainers.distill",
-    "pipeline": "dvp_jax.pipeline",
-}
+from dvp_jax.registry import TRAINERS  # config.trainer -> module with train(config, workdir, mesh).
 
 
 def describe(config) -> str:

@@ -13,8 +13,8 @@ from etils import epath
 from PIL import Image
 
 from dvp_jax import config_base
-from dvp_jax.input import sources
-from dvp_jax.input.sources import DataError
+from dvp_jax.errors import DataError
+from dvp_jax.input import decode, source_digits, source_folder, sources
 
 
 def _config(source="digits", **overrides):
@@ -40,7 +40,7 @@ def _check_elements(elements, num_classes):
 
 def test_digits_splits_are_disjoint_sized_and_seeded():
     c = _config(digits_train_per_class=30, digits_val_per_class=20, digits_test_per_class=10)
-    src = sources.DigitsSource(c)
+    src = source_digits.DigitsSource(c)
     ids = {s: src.split_ids(s) for s in ("train", "val", "test")}
     assert [len(ids[s]) for s in ("train", "val", "test")] == [300, 200, 100]
     assert not set(ids["train"]) & set(ids["val"])
@@ -50,9 +50,9 @@ def test_digits_splits_are_disjoint_sized_and_seeded():
     target = load_digits().target
     for s, per_class in (("train", 30), ("val", 20), ("test", 10)):
         assert np.bincount(target[ids[s]], minlength=10).tolist() == [per_class] * 10
-    assert np.array_equal(sources.DigitsSource(c).split_ids("train"), ids["train"])
+    assert np.array_equal(source_digits.DigitsSource(c).split_ids("train"), ids["train"])
     c.split_seed = 1
-    assert not np.array_equal(sources.DigitsSource(c).split_ids("train"), ids["train"])
+    assert not np.array_equal(source_digits.DigitsSource(c).split_ids("train"), ids["train"])
     union = src.split_ids("train+val")
     assert np.array_equal(union, np.concatenate([ids["train"], ids["val"]]))
     assert src.info("train+val") == sources.SplitInfo(500, 10, tuple("0123456789"))
@@ -76,7 +76,7 @@ def test_digits_elements_shapes_values_and_labels():
 
 def test_digits_refuses_too_many_per_class():
     with pytest.raises(DataError, match=r"class \d has 1\d\d images, fewer than the 400"):
-        sources.DigitsSource(_config(digits_train_per_class=200, digits_val_per_class=100,
+        source_digits.DigitsSource(_config(digits_train_per_class=200, digits_val_per_class=100,
                                      digits_test_per_class=100))
 
 
@@ -164,7 +164,7 @@ def test_folder_formats_become_uint8_rgb_and_bad_files_are_skipped(folder_root, 
     assert "notes.jpg" in warnings[0] and "truncated.jpg" in warnings[0]
     assert "readme.txt" in warnings[0]
     assert {r: len(v) for r, v in src.skipped("train").items()} == {
-        sources.UNDECODABLE: 2, sources.UNKNOWN_EXTENSION: 1}
+        source_folder.UNDECODABLE: 2, source_folder.UNKNOWN_EXTENSION: 1}
     elements = _elements(src.dataset("train"))
     assert len(elements) == info.num_examples
     _check_elements(elements, 2)
@@ -193,12 +193,12 @@ def test_folder_cached_validation_writes_and_reuses_index_outside_the_data(tmp_p
     assert src.cache_path().startswith(os.environ["XDG_CACHE_HOME"])
     with open(src.cache_path()) as f:
         checked = json.load(f)["files"]
-    assert checked[os.path.join(root, "train", "dog", "notes.jpg")][2] == sources.UNDECODABLE
+    assert checked[os.path.join(root, "train", "dog", "notes.jpg")][2] == source_folder.UNDECODABLE
     assert checked[os.path.join(root, "train", "cat", "0.jpg")][2] == "ok"
     assert not [n for n in os.listdir(os.path.dirname(src.cache_path())) if n.endswith(".tmp")]
     # The second start decodes nothing: every file comes from the cache.
-    sources.FolderSource._listing_cache.clear()
-    monkeypatch.setattr(sources, "check_image_files", lambda *a: pytest.fail("re-checked"))
+    source_folder.FolderSource._listing_cache.clear()
+    monkeypatch.setattr(source_folder, "check_image_files", lambda *a: pytest.fail("re-checked"))
     assert sources.get_source(c).info("train").num_examples == 2 * GOOD + 4
 
 
@@ -209,23 +209,23 @@ def test_folder_read_errors_are_counted_but_never_cached(tmp_path, monkeypatch):
     _make_folder(root, special=False)
     flaky = os.path.join(root, "train", "cat", "0.jpg")
     os.symlink(os.path.join(root, "gone.jpg"), os.path.join(root, "train", "cat", "link.jpg"))
-    real_check = sources.check_image_files
+    real_check = source_folder.check_image_files
 
     def failing_once(paths, max_pixels):
         result = real_check(paths, max_pixels)
         if flaky in result:
-            result[flaky] = (sources.READ_ERROR, -1)
+            result[flaky] = (source_folder.READ_ERROR, -1)
         return result
 
-    monkeypatch.setattr(sources, "check_image_files", failing_once)
+    monkeypatch.setattr(source_folder, "check_image_files", failing_once)
     src = sources.get_source(_config(f"folder:{root}"))
     assert src.info("train").num_examples == 2 * GOOD - 1
-    assert src.skipped("train") == {sources.BROKEN_LINK: [os.path.join(root, "train", "cat", "link.jpg")],
-                                    sources.READ_ERROR: [flaky]}
+    assert src.skipped("train") == {source_folder.BROKEN_LINK: [os.path.join(root, "train", "cat", "link.jpg")],
+                                    source_folder.READ_ERROR: [flaky]}
     with open(src.cache_path()) as f:
         assert flaky not in json.load(f)["files"]
-    monkeypatch.setattr(sources, "check_image_files", real_check)
-    sources.FolderSource._listing_cache.clear()
+    monkeypatch.setattr(source_folder, "check_image_files", real_check)
+    source_folder.FolderSource._listing_cache.clear()
     assert sources.get_source(_config(f"folder:{root}")).info("train").num_examples == 2 * GOOD
 
 
@@ -243,15 +243,15 @@ def test_decompression_bombs_are_skipped_and_counted_never_decoded(tmp_path):
     c = _config(f"folder:{root}", max_image_pixels=1_000_000)
     src = sources.get_source(c)
     assert src.info("train").num_examples == 2 * GOOD
-    assert list(src.skipped("train")) == [sources.TOO_LARGE]
+    assert list(src.skipped("train")) == [source_folder.TOO_LARGE]
     with pytest.raises(DataError, match=r"bomb.png: larger than input.max_image_pixels"):
         sources.get_source(_config(f"folder:{root}", max_image_pixels=1_000_000,
                                    strict=True)).info("train")
     # The decoder itself refuses it (runtime path, e.g. folder_validate='none' or TFDS).
     with pytest.raises(tf.errors.InvalidArgumentError, match="max_image_pixels=1000000"):
-        sources.decode_image_bytes(tf.constant(bomb), 1_000_000)
+        decode.decode_image_bytes(tf.constant(bomb), 1_000_000)
     # A larger cap admits it (the cache remembers pixels, not a verdict).
-    sources.FolderSource._listing_cache.clear()
+    source_folder.FolderSource._listing_cache.clear()
     assert sources.get_source(_config(f"folder:{root}", max_image_pixels=10_000_000)
                               ).info("train").num_examples == 2 * GOOD + 1
 
@@ -261,8 +261,8 @@ def test_decompression_bombs_are_skipped_and_counted_never_decoded(tmp_path):
 def test_header_pixel_count_matches_the_image(fmt, kw):
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (37, 53, 3), np.uint8))
     data = _encode(image, fmt, **kw)
-    assert int(sources.encoded_image_pixels(tf.constant(data))) == 37 * 53
-    assert int(sources.encoded_image_pixels(tf.constant(b"not an image"))) == -1
+    assert int(decode.encoded_image_pixels(tf.constant(data))) == 37 * 53
+    assert int(decode.encoded_image_pixels(tf.constant(b"not an image"))) == -1
 
 
 def test_folder_strict_names_the_bad_file(folder_root):

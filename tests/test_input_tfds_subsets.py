@@ -9,8 +9,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from dvp_jax import config_base
-from dvp_jax.input import pipeline, sources
-from dvp_jax.input.sources import DataError
+from dvp_jax.errors import DataError
+from dvp_jax.input import pipeline, source_tfds, sources
 
 # Fake 'train' split: 30 images, class sizes 9 / 8 / 7 / 6, classes interleaved (in generation
 # order; TFDS stores them in a hashed order, so tests map TFDS positions through _tfds_order).
@@ -95,7 +95,7 @@ def test_per_class_counts_disjoint_and_elements_match_tfds(data_dir):
     keys, labels = _tfds_order(data_dir)
     assert np.array_equal(labels, GEN_LABELS[keys])
     src = sources.get_source(_config(data_dir))
-    assert isinstance(src, sources.TfdsSubsetSource)
+    assert isinstance(src, source_tfds.TfdsSubsetSource)
     assert src is sources.get_source(_config(data_dir))  # Labels read once per process.
     assert src.info("train") == sources.SplitInfo(12, 4, CLASSES)
     assert src.info("val") == sources.SplitInfo(8, 4, CLASSES)
@@ -119,9 +119,9 @@ def test_per_class_counts_disjoint_and_elements_match_tfds(data_dir):
 
 
 def test_same_seed_same_split_other_seed_differs(data_dir):
-    a = sources.TfdsSubsetSource("dvp_fake_subset_images", _config(data_dir, seed=3))
-    b = sources.TfdsSubsetSource("dvp_fake_subset_images", _config(data_dir, seed=3))
-    c = sources.TfdsSubsetSource("dvp_fake_subset_images", _config(data_dir, seed=4))
+    a = source_tfds.TfdsSubsetSource("dvp_fake_subset_images", _config(data_dir, seed=3))
+    b = source_tfds.TfdsSubsetSource("dvp_fake_subset_images", _config(data_dir, seed=3))
+    c = source_tfds.TfdsSubsetSource("dvp_fake_subset_images", _config(data_dir, seed=4))
     for split in ("train", "val"):
         assert np.array_equal(a.split_ids(split), b.split_ids(split))
     assert not (np.array_equal(a.split_ids("train"), c.split_ids("train"))
@@ -184,7 +184,7 @@ def test_train_iterator_shards_and_resumes(data_dir):
 def test_zero_per_class_keeps_plain_tfds_and_config_keys(data_dir):
     assert config_base.input_config().tfds_train_per_class == 0
     plain = sources.get_source(_config(data_dir, train=0))
-    assert type(plain) is sources.TfdsSource
+    assert type(plain) is source_tfds.TfdsSource
     assert plain.info("train").num_examples == len(GEN_LABELS)
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "configs", "pipeline.py")
@@ -206,7 +206,7 @@ def test_startup_reads_labels_only_and_keeps_one_copy_of_the_images(data_dir, mo
 
     with monkeypatch.context() as m:
         m.setattr(tfds.features.Image, "decode_example", no_decoding)
-        src = sources.TfdsSubsetSource("dvp_fake_subset_images", _config(data_dir, seed=11))
+        src = source_tfds.TfdsSubsetSource("dvp_fake_subset_images", _config(data_dir, seed=11))
     assert src.info("train").num_examples == 12
     ds = src.dataset("train")
     elements = _elements(ds)

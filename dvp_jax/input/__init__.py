@@ -6,7 +6,9 @@ imports TensorFlow (except the training loop, which imports this package), so mo
 steps and on-device synthetic benchmarks run where TensorFlow is not installed.
 
 Modules:
-  sources     -- where examples come from: digits, synthetic, tfds:NAME, folder:PATH.
+  sources     -- where examples come from: ``get_source`` dispatches on input.source to
+                 source_digits, source_synthetic, source_tfds (tfds:NAME) or source_folder
+                 (folder:PATH); shared pieces in source_base, splits and decode.
   augment     -- a registry of per-example transforms (moco_v2, train_crop_flip, eval_center,
                  ten_crop), stateless: each output is a pure function of (image, seed).
   autoaugment -- AutoAugment's ImageNet and CIFAR-10 policies on uint8 images.

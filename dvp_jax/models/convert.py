@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dvp_jax import models
+from dvp_jax import errors, models
 from dvp_jax.models import resnet
 
 # Searched in this order when several prefixes hold a whole backbone (e.g. MoCo's encoder_q
@@ -40,7 +40,7 @@ KNOWN_PREFIXES: tuple[str, ...] = (
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError, ValueError):
     """A state_dict does not fit the requested architecture."""
 
 
