@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 import json
 import math
 import os
@@ -145,6 +146,14 @@ def prefetch_to_mesh(batches: Iterator[dict], mesh, size: int = 2) -> Iterator[d
             yield queue.popleft()
     while queue:
         yield queue.popleft()
+
+
+def _compile_before_first_step(step_fn, state: Any, batches: Iterator[dict]):
+    """(batches, compiled step): the first global batch is read and ``step_fn`` compiled
+    (ahead of time, for that batch's shapes and shardings) before the first step runs."""
+    first = next(batches)
+    compiled = step_fn.lower(state, first).compile()
+    return itertools.chain([first], batches), compiled
 
 
 @jax.jit
@@ -354,6 +363,11 @@ def _run_locked(task: Task, config, workdir: str, mesh) -> Any:
     step = start
     try:
         batches = prefetch_to_mesh(task.train_batches(start), mesh, config.input.prefetch)
+        if start < task.total_steps:
+            batches, step_fn = _compile_before_first_step(step_fn, state, batches)
+            # gloo (CPU) sets up a program's collectives on its first run and gives up after
+            # 30 s; the slow parts (input start-up, compiling) are done, so start together.
+            distributed.barrier(f"{task.name}: step compiled")
         for step in range(start + 1, task.total_steps + 1):
             state, metrics = step_fn(state, next(batches))
             preempt = preemption.agreed(after=metrics)
