@@ -11,10 +11,13 @@ results.json / results.md / curves.png / accuracy.png land in the workdir. Rerun
 command skips finished stages and resumes an interrupted one.
 
 Presets (after the colon):
-  default   the embedded digits, 5 seeds; meant for 15 minutes on a 2-core CPU, measured at
-            21.8 minutes (1,307 s, cold compilation cache, nearly idle 2 cores; README).
-  full      the same comparison trained longer, 5 seeds, plus the Phase-2 lambda sweep
-            (about an hour on a 2-core CPU).
+  default   the embedded digits, 5 seeds: Phase 1 40 epochs, the other stages 20 (SPLIT_NOTE
+            below); meant for 15 minutes on a 2-core CPU. Measured (README): 26.4 minutes wall
+            on a 2-core CPU shared with other jobs (load 7-10, 0.74 cores for this job),
+            1,174 CPU-seconds; about 12.6 minutes estimated at an idle machine's parallelism
+            (not measured).
+  full      the same comparison trained longer (120 / 40 epochs), 5 seeds, plus the Phase-2
+            lambda sweep (estimated 45-60 minutes on a 2-core CPU; not run).
   vipriors  the paper's ImageNet run: ResNet-50, 224 px, 800 + 100 epochs, on the VIPriors
             folder (build it with `python -m dvp_jax.input.vipriors`; point
             --config.input.source=folder:PATH at it).
@@ -65,7 +68,9 @@ length so that supervised, finetune and Phase 2 see the same labelled steps. Pha
 (val, seed 0) was 70.6 / 83.2 / 89.6 / 89.0 after 10 / 20 / 30 / 40 epochs, so 40 epochs buy
 most of its gain; the former 100 epochs of the uncentred head bought nothing (its k-NN moved
 between 57 and 70 while it collapsed). The whole default job (5 seeds, cold compilation cache)
-is measured in the README.
+is measured in the README. Cost of the split, seen only after the final run: 140 steps leave
+supervised training from scratch under-trained (val 59.3 over 5 seeds; 74.7 with the former
+30 epochs), so the supervised row is a weak baseline in this preset (README says so).
 """
 # Phase-2 lambdas of the full preset's sweep (besides configs/distill.py:digits's own).
 DISTILL_SWEEP = (1e-3, 1e-1, 1.0)

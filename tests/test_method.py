@@ -28,13 +28,15 @@ def _one_device():
 
 
 def test_phase1_learns_its_pretext_task_at_the_preset_settings(tmp_path):
-    """A few hundred steps of configs/moco.py:digits (its lr, crops, margin warm-up, centred
-    embeddings, BN groups, queue; only the length cut from 40 to 25 epochs = 175 steps): the
-    margin-free InfoNCE falls well below its first value, the margin-free contrast accuracy rises
-    far above chance (1 / (K + 1)), and the embeddings do not collapse (negatives stay near
-    cosine 0 while the positives rise above them)."""
+    """configs/moco.py:digits exactly as the preset runs it (its lr, crops, margin warm-up,
+    centred embeddings, BN groups, queue, 40 epochs = 280 steps): the margin-free InfoNCE falls
+    well below its first value, the margin-free contrast accuracy rises far above chance
+    (1 / (K + 1)), and the embeddings do not collapse (negatives stay near cosine 0 while the
+    positives rise above them). The length is not cut: with the same settings over 25 epochs
+    (its cosine schedule decays sooner) the positives stayed at cosine ~0.1 and the loss did not
+    fall (measured: 6.36 -> 6.59), so a shorter test would not test the preset."""
     config = moco_config.get_config("digits")
-    config.num_epochs = 25.0
+    assert config.num_epochs == 40.0  # The preset's own length (update the measured values).
     config.knn.enabled = False
     config.loop.log_every_steps = 7
     mesh = _one_device()
@@ -47,9 +49,11 @@ def test_phase1_learns_its_pretext_task_at_the_preset_settings(tmp_path):
     print(f"loss_nomargin {first['loss_nomargin']:.2f} -> {last['loss_nomargin']:.2f}; "
           f"contrast_acc_nomargin (last 3 logs) {end_acc:.1f} (chance {chance:.2f}); "
           f"cosines: positive {last['positive_cos']:.2f}, negative {last['negative_cos']:.2f}")
-    # Measured (seed 0, 2 cores): loss_nomargin 6.2 -> 5.4, contrast accuracy ~3% (11x chance),
-    # positive / negative cosine 0.3 / 0.00. Before the centred head: 4.7 -> 5.9 (collapse).
-    assert last["loss_nomargin"] < first["loss_nomargin"] - 0.4
+    # Measured (seed 0, the same run as the default pipeline's seed-0 Phase 1, val k-NN 89.0):
+    # loss_nomargin 6.34 -> 5.32, contrast accuracy 3.1% (12x chance), positive / negative
+    # cosine 0.46 / 0.00; ~1.5 minutes on a busy 2-core CPU (280 steps, the preset's length).
+    # Before the centred head (lr 0.2): 4.7 -> 5.9, cosines 0.97 / 0.97 (collapse).
+    assert last["loss_nomargin"] < first["loss_nomargin"] - 0.5
     assert end_acc > 5 * chance
     assert abs(last["negative_cos"]) < 0.1
     assert last["positive_cos"] > last["negative_cos"] + 0.15
