@@ -35,7 +35,7 @@ def digits_recipe(config) -> None:
       variant tried collapsed the same way - mean cosine of the queue keys (negatives) to the
       queries 0.9+, InfoNCE back at log(K + 1): margin 0.4 or 0, lr 0.03 or 0.2 per 256,
       m 0.9 / 0.99 / 0.999, T 0.1 / 0.2 / 0.5, K 128 / 384, 1 or 8 BN groups, wd 5e-4, lr
-      warm-up, weaker crops without flip; the k-NN stayed at 57-70%. The untrained encoder
+      warm-up, weaker crops without flip; the k-NN ended at 56-70%. The untrained encoder
       is already collapsed in its head (q.k cosine 0.94 for every pair: the pooled
       features are post-ReLU averages with a large common part); after 40 epochs the batch
       mean was 96% of the embedding's norm (mean pairwise cosine 0.998) although the pooled

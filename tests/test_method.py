@@ -129,7 +129,7 @@ def test_linear_readout_learns_and_keeps_the_backbone(tmp_path, digits_teacher):
     state = loop.run(task, config, str(tmp_path), mesh)
     after = task.evaluators[0](state)["val_top1"]
     print(f"linear readout val top-1: {before:.1f} -> {after:.1f}")
-    # Measured: 10.0 -> 22.6 on this random (BN-plausible) encoder; chance is 10.
+    # Measured: 10.0 -> 24.8 on this random (BN-plausible) encoder at lr 3.0; chance is 10.
     assert after > before + 8.0
     _, saved, _ = checkpoints.load_raw(digits_teacher)
     assert_trees_equal(jax.device_get(state["params"]["backbone"]), saved["params"]["backbone"])
