@@ -200,9 +200,13 @@ def test_queue_index_tracks_the_images_of_the_queue_rows():
     assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["negative_cos"]))
 
 
-def test_margin_free_metrics_by_hand():
-    """loss_nomargin / contrast_acc_nomargin recomputed from the step's own queries and keys."""
-    config = tiny_config()
+@pytest.mark.parametrize("centred", [False, True])
+def test_margin_free_metrics_by_hand(centred):
+    """loss_nomargin / contrast_acc_nomargin recomputed from the step's own queries and keys;
+    with moco.center_embeddings the head's outputs lose their batch mean before the L2
+    normalisation (queries and keys each over their own batch), and the queue gets those keys."""
+    config = tiny_config(center_embeddings=centred)
+    center = (lambda z: z - jnp.mean(z, axis=0, keepdims=True)) if centred else (lambda z: z)
     model, _, step, init = make_parts(config, 4)
     state = jax.jit(init)(jax.random.PRNGKey(0))
     batch = random_batches(config, 1)[0]
@@ -213,10 +217,10 @@ def test_margin_free_metrics_by_hand():
     perm = jax.random.permutation(jax.random.fold_in(state["rng"], 0), config.batch_size)
     out_k, _ = model.apply({"params": key_params, "batch_stats": state["key_batch_stats"]},
                            jnp.asarray(batch["view2"])[perm], train=True, mutable=["batch_stats"])
-    keys = np.asarray(objectives.l2_normalize(out_k["projection"]))[np.argsort(perm)]
+    keys = np.asarray(objectives.l2_normalize(center(out_k["projection"])))[np.argsort(perm)]
     out_q, _ = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
                            jnp.asarray(batch["view1"]), train=True, mutable=["batch_stats"])
-    queries = np.asarray(objectives.l2_normalize(out_q["projection"]), np.float64)
+    queries = np.asarray(objectives.l2_normalize(center(out_q["projection"])), np.float64)
     pos = (queries * keys).sum(-1)
     neg = queries @ np.asarray(state["queue"], np.float64).T
     logits = np.concatenate([pos[:, None], neg], -1) / config.moco.temperature
@@ -225,3 +229,5 @@ def test_margin_free_metrics_by_hand():
     np.testing.assert_allclose(float(m["contrast_acc_nomargin"]),
                                100 * np.mean(pos > neg.max(-1)), atol=1e-4)
     assert float(m["loss_nomargin"]) < float(m["loss"])  # The margin only handicaps.
+    np.testing.assert_allclose(np.asarray(new_state["queue"])[:config.batch_size], keys,
+                               atol=1e-5)

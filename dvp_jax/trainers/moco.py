@@ -13,7 +13,9 @@ State (a plain dict pytree, replicated over the mesh):
 
 One step, in MoCo's order: momentum update of the key encoder; keys of view2 (shuffle BN);
 queries of view1; margin InfoNCE against [k+, queue]; SGD; the global batch's keys replace
-the oldest queue rows (ring buffer).
+the oldest queue rows (ring buffer). With moco.center_embeddings the head's outputs (queries,
+keys) lose their batch mean before the L2 normalisation (a BN without scale at the end of the
+head, as in SimCLR's / MoCo v3's projection heads; configs/moco.py:digits says why).
 """
 from __future__ import annotations
 
@@ -97,6 +99,12 @@ def make_train_step(model, tx: optax.GradientTransformation, moco_config, *, tot
     """
     temperature = moco_config.temperature
     exclude_own = bool(moco_config.get("exclude_own_keys", False))
+    centered = bool(moco_config.get("center_embeddings", False))
+
+    def center(z):
+        """moco.center_embeddings: the head's outputs minus their mean over the global batch
+        (before the L2 normalisation; queries and keys each over their own batch)."""
+        return z - jnp.mean(z, axis=0, keepdims=True) if centered else z
 
     def momentum_at(step):
         if moco_config.momentum_cosine:
@@ -117,7 +125,7 @@ def make_train_step(model, tx: optax.GradientTransformation, moco_config, *, tot
             views_k = views_k[perm]
         out_k, key_vars = model.apply({"params": key_params, "batch_stats": state["key_batch_stats"]},
                                       views_k, train=True, mutable=["batch_stats"])
-        keys = objectives.l2_normalize(out_k["projection"])
+        keys = objectives.l2_normalize(center(out_k["projection"]))
         if shuffle:
             keys = keys[jnp.argsort(perm)]
         keys = jax.lax.stop_gradient(keys)
@@ -130,7 +138,7 @@ def make_train_step(model, tx: optax.GradientTransformation, moco_config, *, tot
         def loss_fn(params):
             out_q, q_vars = model.apply({"params": params, "batch_stats": state["batch_stats"]},
                                         batch["view1"], train=True, mutable=["batch_stats"])
-            queries = objectives.l2_normalize(out_q["projection"])
+            queries = objectives.l2_normalize(center(out_q["projection"]))
             loss, logits = objectives.margin_info_nce(queries, keys, state["queue"], margin=margin,
                                                       temperature=temperature, exclude=own)
             return loss, (q_vars["batch_stats"], logits)
