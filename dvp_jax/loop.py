@@ -411,15 +411,6 @@ def _run_locked(task: Task, config, workdir: str, mesh) -> Any:
     return state
 
 
-def is_finished(workdir: str, total_steps: int) -> bool:
-    """True when WORKDIR/checkpoints holds the final step."""
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        return False
-    step = checkpoints.manager(ckpt_dir, max_to_keep=None, read_only=True).latest_step()
-    return step is not None and step >= total_steps
-
-
 def total_steps_for(num_epochs: float, steps_per_epoch: int) -> int:
     """Epoch-based durations -> whole steps (at least 1)."""
     return max(1, int(math.ceil(num_epochs * steps_per_epoch)))
