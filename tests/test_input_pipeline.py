@@ -58,6 +58,15 @@ def test_train_batches_shapes_epochs_and_determinism():
     assert not np.array_equal(batches[0]["index"], other[0]["index"])
 
 
+def test_train_dataset_is_deterministic_without_the_autotuner():
+    """The autotuner's thread made destroying a train iterator wait up to a minute."""
+    ds = pipeline.make_train_dataset(_config(), "train", "moco_v2", global_batch=B, seed=3,
+                                     process_index=0, process_count=1)
+    options = ds.options()
+    assert options.deterministic is True
+    assert options.autotune.enabled is False
+
+
 def _assert_same_batches(expected, got):
     assert set(expected) == set(got)
     for key in expected:
