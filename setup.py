@@ -4,7 +4,7 @@
     pip install -e .[test]      # + pytest
     pip install -e .[gpu]       # + jax[cuda12]
     pip install -e .[tpu]       # + jax[tpu]
-    pip install -e .[torch]     # + torch, for `python -m dvp_jax.convert` only
+    pip install -e .[torch]     # + torch, for `python -m dvp_jax.convert_torch` only
 """
 from setuptools import find_packages, setup
 

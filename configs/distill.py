@@ -114,7 +114,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         # (README; Phase-1 encoders of the default preset, seeds 0 and 1, 20 epochs) gave mean
         # val top-1 79.0 / 79.3 / 79.3 / 76.8 / 70.6 at lambda 0 / 1e-3 / 1e-2 / 1e-1 / 1, so
         # it stays (tied with 1e-3; within noise of plain finetuning).
-        # configs/pipeline.py:full runs lambda = 1e-3, 1e-2, 1e-1, 1 on val and test.
+        # configs/table1.py:full runs lambda = 1e-3, 1e-2, 1e-1, 1 on val and test.
         config.distill.weight = 1e-2
         if preset == "digits_ofd":
             use_ofd(config)

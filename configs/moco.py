@@ -68,7 +68,7 @@ def digits_recipe(config) -> None:
     - head Linear(64, 512) -> ReLU -> Linear(512, 128) instead of the reference's hidden width
       C (= 64 at width 0.125): with a 64-wide hidden layer the margin-free contrast accuracy
       was 11% after 10 epochs against 51% with 512 (plain head, val-tuning runs, same seed).
-    - 40 epochs (280 steps): the k-NN gains little after 30 (configs/pipeline.py says how the
+    - 40 epochs (280 steps): the k-NN gains little after 30 (configs/table1.py says how the
       15-minute budget is split).
     - k-NN monitor k = 20 (MoCo's 200 is for 5,000 images per class; digits have 50).
     """

@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from dvp_jax import config_base, console, errors, jsonfmt, loop, sharding
-from dvp_jax.trainers import pretrained
+from dvp_jax import pretrained
 
 # Dense peak FLOP/s of one device by device_kind (bf16 tensor cores for GPUs/TPUs).
 PEAK_FLOPS = {

@@ -1,7 +1,7 @@
 """The one checkpoint format of dvp_jax: an Orbax CheckpointManager directory.
 
 Layout of a checkpoint directory ``DIR`` (a trainer's ``WORKDIR/checkpoints``, or what
-``python -m dvp_jax.convert`` writes)::
+``python -m dvp_jax.convert_torch`` writes)::
 
     DIR/<step>/state   StandardSave of the train-state pytree. Every state has top-level
                        'params' and 'batch_stats': the variables of the model named in meta
@@ -61,7 +61,7 @@ def _open_existing(directory: str) -> ocp.CheckpointManager:
     if not path.startswith("gs://") and not os.path.isdir(path):
         raise CheckpointError(
             f"Checkpoint directory {path!r} does not exist. Pass the 'checkpoints' folder of a "
-            f"workdir (e.g. WORKDIR/checkpoints) or a directory written by `python -m dvp_jax.convert`.")
+            f"workdir (e.g. WORKDIR/checkpoints) or a directory written by `python -m dvp_jax.convert_torch`.")
     mngr = manager(path, max_to_keep=None, read_only=True)
     if mngr.latest_step() is None:
         raise CheckpointError(

@@ -39,6 +39,8 @@ def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
     positive = (lambda v: v > 0, "a number > 0")
     return [
         ("trainer", lambda v: v in registry.TRAINERS, f"one of {', '.join(registry.TRAINERS)}"),
+        ("experiment", lambda v: v in registry.EXPERIMENTS,
+         f"one of {', '.join(registry.EXPERIMENTS)}"),
         ("model.name", lambda v: v in models.NAMES, f"one of {', '.join(models.NAMES)}"),
         ("model.dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
         ("model.width_multiplier", *positive),
@@ -75,7 +77,7 @@ def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
         ("classify.label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)"),
         ("classify.linear_init_std", *positive),
         ("classify.mixup_alpha", lambda v: v >= 0, "a number >= 0 (0 = no mixup; the release's --mixup: 1)"),
-        ("model.variant", lambda v: v in ("torchvision", "seed"), "'torchvision' or 'seed'"),
+        ("model.variant", lambda v: v in ("torchvision", "seed_distill"), "'torchvision' or 'seed_distill'"),
         ("distill.kind", lambda v: v in ("l2", "l2_relative", "ofd"),
          "'l2' (paper text), 'l2_relative' (scale-free) or 'ofd' (released code)"),
         ("distill.teacher_bn", lambda v: v in ("eval", "train"), "'eval' or 'train'"),
@@ -129,7 +131,7 @@ def validate(config) -> None:
     problems = []
     for key, ok, allowed in _rules():
         value = _get(config, key)
-        if value is _MISSING or value is None:  # None: an unset placeholder (pipeline's loop).
+        if value is _MISSING or value is None:  # None: an unset placeholder (table1's loop).
             continue
         try:
             good = ok(value)

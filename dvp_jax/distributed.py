@@ -149,7 +149,7 @@ _uses: dict[str, int] = {}  # name -> calls so far; every process calls in the s
 
 def _unique(name: str) -> str:
     """``name`` plus how often it was used before: coordination-service keys and barrier ids
-    are single-use (the pipeline, e.g., runs the start-up check once per stage)."""
+    are single-use (the Table-1 runner, e.g., runs the start-up check once per stage)."""
     _uses[name] = _uses.get(name, 0) + 1
     return f"dvp:{name}:{_uses[name]}"
 

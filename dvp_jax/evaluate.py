@@ -7,7 +7,7 @@ r"""Evaluation from Orbax checkpoints: top-1 / top-5, weighted k-NN, ten-crop, e
         --image_size=224 --knn
 
 Flags: --checkpoint DIR (repeatable; a workdir's 'checkpoints' folder, the workdir itself, or a
-folder written by ``python -m dvp_jax.convert``), --step N (default: the latest), --split
+folder written by ``python -m dvp_jax.convert_torch``), --step N (default: the latest), --split
 (default 'val'), --config=configs/FILE.py:PRESET (its ``input`` section, ``batch_size`` and
 ``knn`` section replace what the checkpoint recorded), --source / --image_size (override both),
 --batch_size, --knn [--knn_k 200 --knn_temperature 0.1 --knn_feature pooled --knn_bank_split],
@@ -51,7 +51,8 @@ import numpy as np
 
 from dvp_jax import (checkpoints, config_base, console, errors, features, fileio, metrics,
                      sharding)
-from dvp_jax.trainers import common, pretrained
+from dvp_jax import pretrained
+from dvp_jax.trainers import common
 
 log = logging.getLogger("dvp_jax")
 

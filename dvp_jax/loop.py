@@ -177,7 +177,7 @@ _stage_label = ""
 
 
 def set_stage_label(label: str) -> None:
-    """The name progress lines show instead of the task's (the pipeline names its stage and
+    """The name progress lines show instead of the task's (the Table-1 runner names its stage and
     seed with it, e.g. 'seed 0 · moco'); '' restores the task's name."""
     global _stage_label
     _stage_label = label
@@ -278,7 +278,7 @@ def run(task: Task, config, workdir: str, mesh=None) -> Any:
     with workdir_lock.hold(workdir), preemption.installed(), preemption.deferred():
         state = _run_locked(task, config, workdir, mesh)
         # A signal during the last step or the final save: the run is complete and saved;
-        # stop here rather than go on (e.g. to the pipeline's next stage).
+        # stop here rather than go on (e.g. to the next Table-1 stage).
         if preemption.requested():
             raise Preempted(task.total_steps, " at the end of training")
         return state

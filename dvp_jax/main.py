@@ -11,13 +11,15 @@ final table; library logs (Orbax, TensorFlow, absl) only with --verbosity (-1 wa
 0 info, 1 debug). Everything, with the full config, goes to WORKDIR/log.txt
 (dvp_jax/console.py). --help prints this usage and exits 0.
 """
+import importlib
 import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from dvp_jax import console, distributed, errors, loop, preemption, train
+from dvp_jax import (config_checks, console, distributed, errors, loop, preemption, registry,
+                     train)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "configs/FILE.py[:PRESET]", lock_config=True)
@@ -48,7 +50,7 @@ def parse_flags(argv):
 
 def enable_compilation_cache() -> None:
     """Compiled programs persist in ~/.cache/dvp_jax/xla (or $JAX_COMPILATION_CACHE_DIR): a
-    rerun, a resume or the next seed of the pipeline loads them instead of recompiling."""
+    rerun, a resume or the next seed of Table 1 loads them instead of recompiling."""
     import jax
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir",
@@ -74,7 +76,7 @@ def main(argv):
             # Training reads data with tf.data. Imported after the JAX backends exist, as before
             # (TF loaded first made the 2-process gloo collectives abort in test_multihost.py).
             console.import_tensorflow_quietly()
-            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+            run(FLAGS.config, FLAGS.workdir)
         except preemption.Preempted as e:
             print(f"preempted: {e}", file=sys.stderr, flush=True)
             raise
@@ -89,6 +91,30 @@ def main(argv):
                   f"the last checkpoint.")
 
 
+def _experiment(config):
+    """The experiment module named by ``config.experiment`` (registry.EXPERIMENTS), or None for
+    a trainer config."""
+    name = config.get("experiment")
+    if not name:
+        return None
+    if name not in registry.EXPERIMENTS:
+        config_checks.validate(config)  # Raises the one-line error naming the allowed names.
+    return importlib.import_module(registry.EXPERIMENTS[name])
+
+
+def run(config, workdir: str):
+    """An experiment config runs its experiment; a trainer config ``train_and_evaluate``."""
+    experiment = _experiment(config)
+    if experiment is not None:
+        return experiment.run(config, workdir)
+    return train.train_and_evaluate(config, workdir)
+
+
+def describe(config) -> str:
+    experiment = _experiment(config)
+    return experiment.describe(config) if experiment else train.describe(config)
+
+
 def _start_console() -> None:
     """The run's header and WORKDIR/log.txt with the full config (process 0 only: the other
     processes print only warnings and errors)."""
@@ -99,7 +125,7 @@ def _start_console() -> None:
                         title=" ".join(["python -m dvp_jax.main"] + list(sys.argv[1:])))
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     console.header([
-        f"dvp_jax: {train.describe(FLAGS.config)}",
+        f"dvp_jax: {describe(FLAGS.config)}",
         f"config:    {config_flags.get_config_filename(FLAGS['config'])}" +
         (f" with {' '.join(overrides)}" if overrides else ""),
         f"workdir:   {os.path.abspath(FLAGS.workdir)} (log.txt: everything, with the config)",

@@ -1,4 +1,4 @@
-"""The pipeline's two figures, drawn from the per-stage records and their metrics.jsonl.
+"""Table 1's two figures, drawn from the per-stage records and their metrics.jsonl.
 
 ``curves.png`` (``plot_curves``): one panel per kind of quantity, so scales never mix:
   Phase 1 loss | Phase 1 margin-free contrast accuracy (%) | classification cross-entropy | monitor
@@ -13,7 +13,7 @@ their mean, the dots are the seeds, and a bar whose dots all lie right of 0 mean
 won on every seed.
 
 Input records: dicts with 'stage', 'seed', 'accuracy' ({split: top-1 %}) and 'workdir' (the
-stage's folder holding metrics.jsonl), as ``dvp_jax.pipeline.run_stage`` returns them.
+stage's folder holding metrics.jsonl), as ``dvp_jax.table1.run_stage`` returns them.
 """
 from __future__ import annotations
 

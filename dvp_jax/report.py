@@ -1,6 +1,6 @@
-"""The results of the pipeline: a table (JSON and Markdown) and two plots (PNG).
+"""The results of Table 1: a table (JSON and Markdown) and two plots (PNG).
 
-Files in the pipeline's workdir: results.json, results.md, curves.png and accuracy.png
+Files in the Table-1 workdir: results.json, results.md, curves.png and accuracy.png
 (drawn by dvp_jax/plots.py: training curves per stage kind, mean ± std over seeds; Table 1
 bars with the paired per-seed differences).
 
@@ -218,9 +218,9 @@ def replace_section(text: str, section: str, body: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dvp_jax.report",
-        description="Print the tables of a pipeline's results.json, or write them into the "
+        description="Print the tables of a Table-1 results.json, or write them into the "
                     "marked section of a README.")
-    parser.add_argument("results", help="a results.json written by configs/pipeline.py")
+    parser.add_argument("results", help="a results.json written by configs/table1.py")
     parser.add_argument("--readme", default="", help="Markdown file whose section to rewrite")
     parser.add_argument("--section", default="default",
                         help="section name: <!-- results:NAME --> ... <!-- /results:NAME -->")

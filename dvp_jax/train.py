@@ -13,13 +13,8 @@ from dvp_jax.registry import TRAINERS  # config.trainer -> module with train(con
 
 
 def describe(config) -> str:
-    """One line saying what ``config`` runs, e.g. 'pipeline: stages supervised, moco, linear,
-    finetune, distill x seeds 0, 1, 2' or 'moco trainer, resnet18, 20 epochs, batch 64'."""
-    if config.trainer == "pipeline":
-        from dvp_jax import pipeline
-        stages = [s for s in pipeline.STAGES if s not in config.get("skip_stages", ())]
-        seeds = ", ".join(str(s) for s in config.seeds)
-        return f"pipeline (Table 1): stages {', '.join(stages)} x seeds {seeds}"
+    """One line saying what the trainer config runs, e.g. 'moco trainer, resnet18, 20 epochs,
+    batch 64, data digits'."""
     parts = [f"{config.trainer} trainer"]
     if "model" in config and "name" in config.model:
         parts.append(config.model.name)

@@ -27,17 +27,17 @@ def presets(name):
 
 def configs_to_check():
     """(label, config) of every preset; pipeline presets also give each stage's config."""
-    from dvp_jax import pipeline
+    from dvp_jax import table1
     for name in CONFIG_FILES:
         module, names = presets(name)
         for preset in names:
             c = module.get_config(preset)
             yield f"{name}.py:{preset}", c
-            if c.trainer == "pipeline":
-                for stage in pipeline.STAGES:
+            if "experiment" in c:
+                for stage in table1.STAGES:
                     if stage not in c.skip_stages:
                         yield (f"{name}.py:{preset} stage {stage}",
-                               pipeline.stage_config(c, stage, c.seeds[0], "/tmp/w"))
+                               table1.stage_config(c, stage, c.seeds[0], "/tmp/w"))
 
 
 def _get(c, key):
@@ -92,7 +92,7 @@ def test_every_preset_is_valid_and_every_constrained_key_refuses_a_wrong_value()
 
 def test_the_seed_queue_of_the_issue_is_one_error_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "dvp_jax.main", "--config=configs/seed.py:runlocal",
+        [sys.executable, "-m", "dvp_jax.main", "--config=configs/seed_distill.py:runlocal",
          f"--workdir={tmp_path}/w", "--config.seed_distill.queue_size=65"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

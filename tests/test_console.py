@@ -31,7 +31,7 @@ def _env():
     return env
 
 
-@pytest.mark.parametrize("module", ["dvp_jax.main", "dvp_jax.evaluate", "dvp_jax.convert",
+@pytest.mark.parametrize("module", ["dvp_jax.main", "dvp_jax.evaluate", "dvp_jax.convert_torch",
                                     "dvp_jax.benchmark", "dvp_jax.input.vipriors"])
 def test_help_exits_0_and_prints_usage(module):
     r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True,
@@ -54,7 +54,7 @@ def runlocal(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("console") / "run")
     override = "--config.skip_stages=('moco','linear','finetune','distill')"
     r = subprocess.run([sys.executable, "-m", "dvp_jax.main",
-                        "--config=configs/pipeline.py:runlocal", f"--workdir={workdir}",
+                        "--config=configs/table1.py:runlocal", f"--workdir={workdir}",
                         override], cwd=REPO, capture_output=True, text=True, timeout=600,
                        env=_env())
     return r, workdir
@@ -66,7 +66,7 @@ def test_runlocal_console_is_quiet_with_progress_and_table(runlocal):
     lines = (r.stderr + r.stdout).splitlines()
     foreign = [line for line in lines if FOREIGN.search(line)]
     assert not foreign, foreign[:5]
-    assert lines[0].startswith("dvp_jax: pipeline"), lines[:3]
+    assert lines[0].startswith("dvp_jax: Table 1"), lines[:3]
     assert any(line.strip().startswith("devices:") for line in lines[:6])
     # The progress (non-TTY: plain lines) reaches the last step with every field.
     progress = [line for line in lines if re.match(
@@ -86,8 +86,8 @@ def test_runlocal_log_file_has_everything(runlocal):
     r, workdir = runlocal
     with open(os.path.join(workdir, "log.txt")) as f:
         log = f.read()
-    from configs import pipeline as pipeline_configs
-    config = pipeline_configs.get_config("runlocal")
+    from configs import table1 as table1_configs
+    config = table1_configs.get_config("runlocal")
     config.skip_stages = ("moco", "linear", "finetune", "distill")
     assert str(config) in log  # The full config, as YAML.
     assert "checkpoint_manager" in log  # Orbax's lines are kept here, not on the console.
@@ -115,7 +115,7 @@ def test_tensorboard_gets_the_logged_scalars(runlocal):
 
 def test_error_is_one_line_at_the_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dvp_jax.main",
-                        "--config=configs/pipeline.py:runlocal", f"--workdir={tmp_path}",
+                        "--config=configs/table1.py:runlocal", f"--workdir={tmp_path}",
                         "--config.input.source=folder:/nonexistent_dvp_jax_dir"],
                        cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
     assert r.returncode == 2, r.stderr[-2000:]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dvp_jax import models
-from dvp_jax.models import convert
+from dvp_jax.models import torch_weights
 
 
 def _variables(name, seed=0, res=64, **kw):
@@ -39,10 +39,10 @@ def _assert_trees_equal(a, b):
 ])
 def test_round_trip_and_inferred_kwargs(name, kw):
     v = _variables(name, **kw)
-    sd = convert.flax_to_torch_state_dict(v, name)
+    sd = torch_weights.flax_to_torch_state_dict(v, name)
     sd.update({k.replace("running_mean", "num_batches_tracked"): np.array(5)
                for k in sd if k.endswith("running_mean")})        # ignored by the converter
-    v2, kwargs = convert.torch_state_dict_to_flax(sd, name)
+    v2, kwargs = torch_weights.torch_state_dict_to_flax(sd, name)
     _assert_trees_equal(v, v2)
     for k, val in kw.items():
         assert kwargs[k] == (list(val) if isinstance(val, tuple) else val), k
@@ -50,17 +50,17 @@ def test_round_trip_and_inferred_kwargs(name, kw):
 
 
 def test_torchvision_key_names():
-    sd = convert.flax_to_torch_state_dict(_variables("resnet50", num_classes=4), "resnet50")
+    sd = torch_weights.flax_to_torch_state_dict(_variables("resnet50", num_classes=4), "resnet50")
     for k in ("conv1.weight", "bn1.running_var", "layer1.0.downsample.0.weight",
               "layer1.0.downsample.1.running_mean", "layer3.5.conv3.weight", "fc.weight",
               "fc.bias"):
         assert k in sd, k
     assert sd["layer1.0.conv2.weight"].shape == (64, 64, 3, 3)       # OIHW
     assert sd["fc.weight"].shape == (4, 2048)                         # [out, in]
-    sd = convert.flax_to_torch_state_dict(_variables("resnet18", projection_dims=(32, 8)),
+    sd = torch_weights.flax_to_torch_state_dict(_variables("resnet18", projection_dims=(32, 8)),
                                           "resnet18")
     assert sd["fc.0.weight"].shape == (32, 512) and sd["fc.2.weight"].shape == (8, 32)
-    mb = convert.flax_to_torch_state_dict(_variables("mobilenet_v3_large", num_classes=4),
+    mb = torch_weights.flax_to_torch_state_dict(_variables("mobilenet_v3_large", num_classes=4),
                                           "mobilenet_v3_large")
     for k in ("features.0.0.weight", "features.1.block.0.0.weight",      # no expand in block 1
               "features.1.block.1.1.running_var", "features.4.block.2.fc1.weight",
@@ -68,7 +68,7 @@ def test_torchvision_key_names():
               "classifier.3.weight"):
         assert k in mb, k
     assert mb["features.4.block.1.0.weight"].shape == (72, 1, 5, 5)   # depthwise
-    en = convert.flax_to_torch_state_dict(_variables("efficientnet_b0", num_classes=4),
+    en = torch_weights.flax_to_torch_state_dict(_variables("efficientnet_b0", num_classes=4),
                                           "efficientnet_b0")
     for k in ("features.1.0.block.0.0.weight", "features.1.0.block.1.fc2.bias",
               "features.1.0.block.2.1.running_mean", "features.2.1.block.0.0.weight",
@@ -81,62 +81,62 @@ def _prefixed(sd, prefix):
 
 
 def test_prefix_detection_of_moco_seed_and_ofd_layouts():
-    q = convert.flax_to_torch_state_dict(_variables("resnet18", projection_dims=(32, 8)),
+    q = torch_weights.flax_to_torch_state_dict(_variables("resnet18", projection_dims=(32, 8)),
                                          "resnet18")
-    k = convert.flax_to_torch_state_dict(_variables("resnet18", seed=1, projection_dims=(32, 8)),
+    k = torch_weights.flax_to_torch_state_dict(_variables("resnet18", seed=1, projection_dims=(32, 8)),
                                          "resnet18")
     moco = {**_prefixed(q, "module.encoder_q."), **_prefixed(k, "module.encoder_k."),
             "module.queue": np.zeros((8, 16), np.float32), "module.queue_ptr": np.zeros(1)}
-    assert convert.detect_prefix(moco, "resnet18") == "module.encoder_q."
-    v, kw = convert.torch_state_dict_to_flax(moco, "resnet18")
+    assert torch_weights.detect_prefix(moco, "resnet18") == "module.encoder_q."
+    v, kw = torch_weights.torch_state_dict_to_flax(moco, "resnet18")
     assert kw["projection_dims"] == [32, 8] and kw["num_classes"] == 0
     np.testing.assert_array_equal(v["params"]["projection"]["dense1"]["kernel"],
                                   q["fc.2.weight"].T)
     seed = {**_prefixed(q, "module.student."), **_prefixed(k, "module.teacher.")}
-    assert convert.detect_prefix(seed, "resnet18") == "module.student."
+    assert torch_weights.detect_prefix(seed, "resnet18") == "module.student."
     ofd = {**_prefixed(q, "module.s_net."), **_prefixed(k, "module.t_net."),
            "module.Connectors.0.0.weight": np.zeros((64, 64, 1, 1), np.float32)}
-    assert convert.detect_prefix(ofd, "resnet18") == "module.s_net."
-    assert convert.detect_prefix(q, "resnet18") == ""
-    assert convert.detect_prefix(_prefixed(q, "module."), "resnet18") == "module."
-    with pytest.raises(convert.ConversionError, match="Several"):
-        convert.detect_prefix({**_prefixed(q, "a."), **_prefixed(k, "b.")}, "resnet18")
-    with pytest.raises(convert.ConversionError, match="No resnet18 backbone"):
-        convert.detect_prefix({"x.weight": np.zeros(1)}, "resnet18")
+    assert torch_weights.detect_prefix(ofd, "resnet18") == "module.s_net."
+    assert torch_weights.detect_prefix(q, "resnet18") == ""
+    assert torch_weights.detect_prefix(_prefixed(q, "module."), "resnet18") == "module."
+    with pytest.raises(torch_weights.ConversionError, match="Several"):
+        torch_weights.detect_prefix({**_prefixed(q, "a."), **_prefixed(k, "b.")}, "resnet18")
+    with pytest.raises(torch_weights.ConversionError, match="No resnet18 backbone"):
+        torch_weights.detect_prefix({"x.weight": np.zeros(1)}, "resnet18")
 
 
 def test_shape_mismatch_missing_and_unexpected_keys_are_named():
-    sd = convert.flax_to_torch_state_dict(_variables("resnet18", num_classes=10), "resnet18")
+    sd = torch_weights.flax_to_torch_state_dict(_variables("resnet18", num_classes=10), "resnet18")
     bad = dict(sd, **{"layer2.1.conv1.weight": np.zeros((128, 128, 1, 1), np.float32)})
-    with pytest.raises(convert.ConversionError,
+    with pytest.raises(torch_weights.ConversionError,
                        match=r"layer2\.1\.conv1\.weight.*\(128, 128, 1, 1\).*\(128, 128, 3, 3\)"):
-        convert.torch_state_dict_to_flax(bad, "resnet18")
+        torch_weights.torch_state_dict_to_flax(bad, "resnet18")
     missing = {k: v for k, v in sd.items() if k != "layer3.0.bn2.running_var"}
-    with pytest.raises(convert.ConversionError, match=r"missing key 'layer3\.0\.bn2\.running_var'"):
-        convert.torch_state_dict_to_flax(missing, "resnet18")
+    with pytest.raises(torch_weights.ConversionError, match=r"missing key 'layer3\.0\.bn2\.running_var'"):
+        torch_weights.torch_state_dict_to_flax(missing, "resnet18")
     extra = dict(sd, **{"layer1.0.attn.weight": np.zeros(3, np.float32)})
-    with pytest.raises(convert.ConversionError, match=r"unexpected key 'layer1\.0\.attn\.weight'"):
-        convert.torch_state_dict_to_flax(extra, "resnet18")
-    with pytest.raises(convert.ConversionError):   # a resnet18 checkpoint is no resnet34
-        convert.torch_state_dict_to_flax(sd, "resnet34")
-    with pytest.raises(convert.ConversionError, match=r"missing key 'layer1\.0\.conv1\.weight'"):
-        convert.torch_state_dict_to_flax(_prefixed(sd, "net."), "resnet18", prefix="")
-    with pytest.raises(convert.ConversionError, match="No key starts with prefix 'model.'"):
-        convert.torch_state_dict_to_flax(sd, "resnet18", prefix="model.")
+    with pytest.raises(torch_weights.ConversionError, match=r"unexpected key 'layer1\.0\.attn\.weight'"):
+        torch_weights.torch_state_dict_to_flax(extra, "resnet18")
+    with pytest.raises(torch_weights.ConversionError):   # a resnet18 checkpoint is no resnet34
+        torch_weights.torch_state_dict_to_flax(sd, "resnet34")
+    with pytest.raises(torch_weights.ConversionError, match=r"missing key 'layer1\.0\.conv1\.weight'"):
+        torch_weights.torch_state_dict_to_flax(_prefixed(sd, "net."), "resnet18", prefix="")
+    with pytest.raises(torch_weights.ConversionError, match="No key starts with prefix 'model.'"):
+        torch_weights.torch_state_dict_to_flax(sd, "resnet18", prefix="model.")
     with pytest.raises(ValueError, match="allowed names"):
-        convert.torch_state_dict_to_flax(sd, "vgg16")
+        torch_weights.torch_state_dict_to_flax(sd, "vgg16")
 
 
 def test_num_classes_keep_require_add_and_drop():
-    sd = convert.flax_to_torch_state_dict(_variables("resnet18", num_classes=10), "resnet18")
-    _, kw = convert.torch_state_dict_to_flax(sd, "resnet18", num_classes=10)
+    sd = torch_weights.flax_to_torch_state_dict(_variables("resnet18", num_classes=10), "resnet18")
+    _, kw = torch_weights.torch_state_dict_to_flax(sd, "resnet18", num_classes=10)
     assert kw["num_classes"] == 10
-    with pytest.raises(convert.ConversionError, match="10 outputs"):
-        convert.torch_state_dict_to_flax(sd, "resnet18", num_classes=100)
-    v, kw = convert.torch_state_dict_to_flax(sd, "resnet18", num_classes=0)
+    with pytest.raises(torch_weights.ConversionError, match="10 outputs"):
+        torch_weights.torch_state_dict_to_flax(sd, "resnet18", num_classes=100)
+    v, kw = torch_weights.torch_state_dict_to_flax(sd, "resnet18", num_classes=0)
     assert kw["num_classes"] == 0 and set(v["params"]) == {"backbone"}
     bare = {k: x for k, x in sd.items() if not k.startswith("fc.")}
-    v, kw = convert.torch_state_dict_to_flax(bare, "resnet18", num_classes=7)
+    v, kw = torch_weights.torch_state_dict_to_flax(bare, "resnet18", num_classes=7)
     assert kw["num_classes"] == 7
     assert v["params"]["classifier"]["kernel"].shape == (512, 7)
     assert np.abs(v["params"]["classifier"]["kernel"]).max() <= 1 / math.sqrt(512)

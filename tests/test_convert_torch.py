@@ -12,8 +12,8 @@ import numpy as np  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dvp_jax import checkpoints, models  # noqa: E402
-from dvp_jax import convert as convert_cli  # noqa: E402
-from dvp_jax.models import convert  # noqa: E402
+from dvp_jax import convert_torch as convert_cli  # noqa: E402
+from dvp_jax.models import torch_weights  # noqa: E402
 from dvp_jax.models.layers import make_divisible  # noqa: E402
 from dvp_jax.models.mobilenet_v3 import LARGE  # noqa: E402
 from dvp_jax.models.efficientnet import B0  # noqa: E402
@@ -205,7 +205,7 @@ def _run_both(net, sd, arch, res, batch=2, seed=0, **convert_kw):
     x = np.random.default_rng(seed).normal(size=(batch, 3, res, res)).astype(np.float32)
     with torch.no_grad():
         t_pooled, t_head = net(torch.from_numpy(x))
-    variables, kwargs = convert.torch_state_dict_to_flax(sd, arch, **convert_kw)
+    variables, kwargs = torch_weights.torch_state_dict_to_flax(sd, arch, **convert_kw)
     model = models.build(arch, **kwargs)
     out = jax.jit(lambda v, x: model.apply(v, x, False))(variables, x.transpose(0, 2, 3, 1))
     return out, t_pooled.numpy(), None if t_head is None else t_head.numpy(), kwargs
@@ -263,7 +263,7 @@ def test_moco_layout_maps_mlp_to_projection(tmp_path):
     assert meta["trainer"] == "converted" and meta["prefix"] == "module.encoder_q."
     assert meta["source"] == str(path)
     assert models.build(**meta["model"]) == models.build("resnet18", **kwargs)
-    direct, _ = convert.torch_state_dict_to_flax(state, "resnet18")
+    direct, _ = torch_weights.torch_state_dict_to_flax(state, "resnet18")
     assert jax.tree.structure(variables) == jax.tree.structure(direct)
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(direct)):
         np.testing.assert_array_equal(np.asarray(a), b)
@@ -276,9 +276,9 @@ def test_shape_mismatch_from_a_torch_model_names_the_key():
     net = TResNet(TBasicBlock, (2, 2, 2, 2), num_classes=10, width=0.5)
     sd = _numpy_sd(net)
     sd["layer4.1.bn1.weight"] = np.ones(7, np.float32)
-    with pytest.raises(convert.ConversionError,
+    with pytest.raises(torch_weights.ConversionError,
                        match=r"layer4\.1\.bn1\.weight.*\(7,\).*\(256,\)"):
-        convert.torch_state_dict_to_flax(sd, "resnet18")
+        torch_weights.torch_state_dict_to_flax(sd, "resnet18")
 
 
 @pytest.mark.parametrize("arch,cls", [("mobilenet_v3_large", TMobileNetV3Large),

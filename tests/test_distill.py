@@ -17,7 +17,8 @@ import pytest
 from configs import classify as classify_config
 from configs import distill as distill_config
 from dvp_jax import checkpoints, loop, models, objectives, sharding, train
-from dvp_jax.trainers import distill, pretrained
+from dvp_jax import pretrained
+from dvp_jax.trainers import distill
 
 from test_classify import assert_trees_equal, leaves_with_paths, write_phase1  # noqa: E402
 

@@ -16,8 +16,8 @@ import pytest
 from configs import classify as classify_config
 from configs import distill as distill_config
 from configs import moco as moco_config
-from configs import pipeline as pipeline_config
-from dvp_jax import checkpoints, loop, objectives, pipeline, sharding, train
+from configs import table1 as table1_config
+from dvp_jax import checkpoints, loop, objectives, sharding, table1, train
 from dvp_jax.trainers import distill, moco
 
 from test_classify import assert_trees_equal, write_phase1  # noqa: E402
@@ -139,17 +139,17 @@ def test_linear_readout_learns_and_keeps_the_backbone(tmp_path, digits_teacher):
 
 @pytest.mark.parametrize("preset", ["default", "full"])
 def test_every_stage_of_a_seed_reads_its_phase1_and_the_shared_settings(preset):
-    config = pipeline_config.get_config(preset)
+    config = table1_config.get_config(preset)
     assert len(config.seeds) >= 5
-    stages, rows = pipeline.stages_and_rows(config)
-    assert [rows[s][0] for s in pipeline.STAGES] == [
+    stages, rows = table1.stages_and_rows(config)
+    assert [rows[s][0] for s in table1.STAGES] == [
         "Supervised from scratch", "Random init (k-NN on the frozen encoder)",
         "Phase 1 (k-NN on the frozen encoder)", "Phase 1 + linear readout",
         "Phase 1 + finetune", "Phase 1 + Phase 2 (ours)"]
     for seed in config.seeds:
         phase1 = os.path.join("W", f"seed_{seed}", "moco", "checkpoints")
         for stage in stages:
-            c = pipeline.stage_config(config, stage, seed, "W")
+            c = table1.stage_config(config, stage, seed, "W")
             assert c.seed == seed
             assert c.input.to_dict() == config.input.to_dict()
             assert c.model.to_dict() == config.model.to_dict()
@@ -157,8 +157,8 @@ def test_every_stage_of_a_seed_reads_its_phase1_and_the_shared_settings(preset):
                 assert c.classify.init_checkpoint == phase1
             elif stage.startswith("distill"):
                 assert c.distill.teacher_checkpoint == phase1
-        random_init = pipeline.stage_config(config, "random", seed, "W")
-        phase1_cfg = pipeline.stage_config(config, "moco", seed, "W")
+        random_init = table1.stage_config(config, "random", seed, "W")
+        phase1_cfg = table1.stage_config(config, "moco", seed, "W")
         # The untrained encoder: Phase 1's config (same init, BN groups, views) at lr 0.
         assert random_init.optim.base_lr == 0.0 and random_init.optim.weight_decay == 0.0
         assert random_init.moco.to_dict() == phase1_cfg.moco.to_dict()

@@ -109,11 +109,11 @@ def test_weight_decay_mask_skips_bn_and_bias():
 
 
 def test_seed_presets_use_seeds_schedule():
-    from configs import seed as seed_configs
-    c = seed_configs.get_config("imagenet")
+    from configs import seed_distill as seed_distill_configs
+    c = seed_distill_configs.get_config("imagenet")
     s = optim.make_schedule(c.optim, global_batch=c.batch_size, steps_per_epoch=5004,
                             num_epochs=c.num_epochs)
     assert [_lr(s, 5004 * e) for e in (0, 4)] == pytest.approx([0.03, 0.03])
     assert _lr(s, 5004 * 5 + 17) == pytest.approx(0.015 * (1 + math.cos(math.pi * 5 / 200)))
     assert _lr(s, 5004 * 150) == pytest.approx(0.015 * (1 + math.cos(math.pi * 150 / 200)))
-    assert c.model.variant == "seed"
+    assert c.model.variant == "seed_distill"

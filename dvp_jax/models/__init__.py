@@ -53,7 +53,7 @@ def build(name: str, *, num_classes: int = 0, projection_dims: Sequence[int] = (
       dtype: compute dtype ('float32' or 'bfloat16'); params, BN statistics and the outputs
         'pooled', 'projection', 'logits' stay float32.
       zero_init_residual: the last BN gamma of each residual block starts at 0.
-      variant: 'torchvision' or 'seed' (SEED's own MobileNetV3 / EfficientNet-B0 definitions,
+      variant: 'torchvision' or 'seed_distill' (SEED's own MobileNetV3 / EfficientNet-B0 definitions,
         see mobilenet_v3.py and efficientnet.py; they use dropout in training, so their
         training step needs a 'dropout' rng). ResNets are the same in both.
     """
@@ -68,7 +68,7 @@ def build(name: str, *, num_classes: int = 0, projection_dims: Sequence[int] = (
     elif name == "mobilenet_v3_large":
         backbone = mobilenet_v3.MobileNetV3Large(variant=variant, **common)
     else:  # efficientnet_b0
-        drop_connect = efficientnet.SEED_DROP_CONNECT if variant == "seed" else 0.0
+        drop_connect = efficientnet.SEED_DROP_CONNECT if variant == "seed_distill" else 0.0
         backbone = efficientnet.EfficientNetB0(stochastic_depth_prob=drop_connect,
                                                variant=variant, **common)
     return Model(backbone=backbone, num_classes=int(num_classes),

@@ -8,7 +8,7 @@ BatchNorm: torch defaults (eps 1e-5, momentum 0.1), as torchvision's B0.
 Stochastic depth (torchvision: 0.2 x block_index / 16 per block, training only) is implemented
 (``EfficientNetB0.stochastic_depth_prob``); ``models.build`` turns it off for 'torchvision'.
 
-``variant='seed'``: the definition SEED trains (EfficientNet-PyTorch by lukemelas, vendored in
+``variant='seed_distill'``: the definition SEED trains (EfficientNet-PyTorch by lukemelas, vendored in
 jacobswan1/SEED): the same blocks and parameter tree (same parameter count), with BatchNorm
 eps 1e-3 and momentum 0.01 (TF's 0.99), TensorFlow 'SAME' padding (the extra pixel of a
 stride-2 conv at the bottom / right), drop-connect 0.2 x block_index / 16 (``models.build``
@@ -51,10 +51,10 @@ B0 = (
     (6, 3, 1, 192, 320, 1),
 )
 STAGES = (2, 3, 5, 7)  # features index of the 4 named stages
-VARIANTS = ("torchvision", "seed")
+VARIANTS = ("torchvision", "seed_distill")
 # variant -> keyword arguments of every ConvBNAct (BN eps, torch-convention momentum, padding).
 CONV_SETTINGS = {"torchvision": dict(bn_epsilon=1e-5, bn_momentum=0.1, tf_same=False),
-                 "seed": dict(bn_epsilon=1e-3, bn_momentum=0.01, tf_same=True)}
+                 "seed_distill": dict(bn_epsilon=1e-3, bn_momentum=0.01, tf_same=True)}
 SEED_DROPOUT = 0.2
 SEED_DROP_CONNECT = 0.2
 
@@ -133,7 +133,7 @@ class EfficientNetB0(nn.Module):
         x = ConvBNAct(4 * adj(B0[-1][4]), 1, act=nn.silu, name=f"features_{len(B0) + 1}",
                       **conv_kw)(x, train)
         pooled = global_avg_pool(x)
-        if self.variant == "seed":
+        if self.variant == "seed_distill":
             pooled = nn.Dropout(SEED_DROPOUT, deterministic=not train)(pooled)
         out["pooled"] = pooled
         return out

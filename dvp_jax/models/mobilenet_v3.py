@@ -9,7 +9,7 @@ and every architecture's classifier is a single linear layer on 'pooled'.
 
 BatchNorm: torchvision's eps 1e-3 and momentum 0.01 (torch convention).
 
-``variant='seed'``: the definition SEED trains (jacobswan1/SEED's mobilenetv3.py): the same
+``variant='seed_distill'``: the definition SEED trains (jacobswan1/SEED's mobilenetv3.py): the same
 blocks and parameter tree (so the same parameter count at width <= 1), but in the expanded
 blocks the squeeze-excitation comes BEFORE the depthwise activation (expand -> depthwise conv
 -> BN -> SE -> act -> project; torchvision: ... BN -> act -> SE), BatchNorm eps 1e-5 and
@@ -46,9 +46,9 @@ from dvp_jax.models.layers import (ConvBNAct, SqueezeExcitation, global_avg_pool
 Dtype = Any
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
-VARIANTS = ("torchvision", "seed")
+VARIANTS = ("torchvision", "seed_distill")
 # variant -> (BN epsilon, BN momentum in torch's convention).
-BN_SETTINGS = {"torchvision": (BN_EPS, BN_MOMENTUM), "seed": (1e-5, 0.1)}
+BN_SETTINGS = {"torchvision": (BN_EPS, BN_MOMENTUM), "seed_distill": (1e-5, 0.1)}
 SEED_DROPOUT = 0.2
 
 # (input, kernel, expanded, out, use_se, activation, stride): torchvision's bneck_conf.
@@ -96,8 +96,8 @@ class InvertedResidual(nn.Module):
         use_res = self.stride == 1 and self.input_channels == self.out_channels
         expands = self.expanded != self.input_channels
         # SEED's expanded blocks: depthwise conv -> BN -> SE -> act (torchvision: act -> SE).
-        se_first = self.variant == "seed" and expands and self.use_se
-        se_init = (nn.initializers.normal(0.01) if self.variant == "seed"
+        se_first = self.variant == "seed_distill" and expands and self.use_se
+        se_init = (nn.initializers.normal(0.01) if self.variant == "seed_distill"
                    else kaiming_normal_fan_out)
         y = x
         if expands:
@@ -152,7 +152,7 @@ class MobileNetV3Large(nn.Module):
         x = ConvBNAct(6 * last_in, 1, act=hard_swish, bn_momentum=momentum, bn_epsilon=eps,
                       name=f"features_{len(LARGE) + 1}", **kw)(x, train)
         x = global_avg_pool(x).astype(self.dtype)
-        seed = self.variant == "seed"
+        seed = self.variant == "seed_distill"
         last = LAST_CHANNEL if seed and w <= 1.0 else adj(LAST_CHANNEL)
         x = nn.Dense(last, dtype=self.dtype, param_dtype=jnp.float32,
                      kernel_init=nn.initializers.normal(0.01), bias_init=nn.initializers.zeros,

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import optax
 
 from dvp_jax import features, fileio, loop, metrics, models, objectives, optim, sharding
-from dvp_jax.trainers import common, pretrained
+from dvp_jax import pretrained
+from dvp_jax.trainers import common
 
 TRAINERS = ("supervised", "linear", "finetune")
 TRAIN_TRANSFORM = "train_crop_flip"
@@ -344,7 +345,7 @@ def load_init(config, what: str = "config.classify.init_checkpoint") -> pretrain
         raise ValueError(
             f"config.trainer={config.trainer!r} needs {what}: the 'checkpoints' folder of a "
             "Phase-1 run (e.g. --config.classify.init_checkpoint=runs/moco_digits/checkpoints) "
-            "or a directory written by `python -m dvp_jax.convert`.")
+            "or a directory written by `python -m dvp_jax.convert_torch`.")
     step = config.classify.init_step if config.classify.init_step >= 0 else None
     return pretrained.load(directory, keep_projection=False, step=step)
 

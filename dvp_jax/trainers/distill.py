@@ -20,7 +20,7 @@ d (config.distill.kind):
          (with distill.epochs_from_one, as the released code: on after 4 epochs, lr drops
          after 29/59/89 epochs instead of 30/60/90).
 
-The teacher (a Phase-1 checkpoint, head dropped, via trainers/pretrained.py) is a frozen param
+The teacher (a Phase-1 checkpoint, head dropped, via dvp_jax/pretrained.py) is a frozen param
 tree in the state: outside the optimizer, never differentiated (stop_gradient), BN in inference
 mode. ``distill.teacher_bn='train'`` mimics the reference code, which leaves the teacher in
 train mode: its BN normalises with the statistics of the current batch, and the running
@@ -48,7 +48,8 @@ import numpy as np
 
 from dvp_jax import loop, models, objectives, sharding
 from dvp_jax.models.layers import BatchNorm, conv
-from dvp_jax.trainers import classify, common, pretrained
+from dvp_jax import pretrained
+from dvp_jax.trainers import classify, common
 
 KINDS = ("l2", "l2_relative", "ofd")
 TEACHER_BN = ("eval", "train")
@@ -82,7 +83,7 @@ def load_teacher(config) -> pretrained.Pretrained:
         raise ValueError(
             "config.distill.teacher_checkpoint is empty: pass the 'checkpoints' folder of a "
             "Phase-1 run (e.g. --config.distill.teacher_checkpoint=runs/moco_digits/checkpoints) "
-            "or a directory written by `python -m dvp_jax.convert`.")
+            "or a directory written by `python -m dvp_jax.convert_torch`.")
     step = dc.teacher_step if dc.teacher_step >= 0 else None
     return pretrained.load(dc.teacher_checkpoint, keep_projection=False, step=step)
 

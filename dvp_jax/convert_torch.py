@@ -2,8 +2,8 @@
 checkpoint directory (Orbax, see ``dvp_jax.checkpoints``), readable by every evaluator and by
 Phase 2.
 
-    python -m dvp_jax.convert --torch moco_v2_800ep.pth.tar --arch resnet50 --out /tmp/moco_r50
-    python -m dvp_jax.convert --torch r18.pth --arch resnet18 --out DIR --num_classes 1000
+    python -m dvp_jax.convert_torch --torch moco_v2_800ep.pth.tar --arch resnet50 --out /tmp/moco_r50
+    python -m dvp_jax.convert_torch --torch r18.pth --arch resnet18 --out DIR --num_classes 1000
 
 Needs torch (``pip install -e .[torch]``). The key prefix ('module.encoder_q.', 'module.student.',
 ...) is detected unless --prefix names it ('' for none).
@@ -16,11 +16,11 @@ import sys
 
 from dvp_jax import console
 from dvp_jax.models import NAMES
-from dvp_jax.models.convert import ConversionError, convert_checkpoint
+from dvp_jax.models.torch_weights import ConversionError, convert_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dvp_jax.convert", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dvp_jax.convert_torch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--torch", required=True, help="PyTorch checkpoint file (.pth, .pth.tar)")
     parser.add_argument("--arch", required=True, choices=NAMES)

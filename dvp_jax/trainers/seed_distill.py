@@ -1,7 +1,7 @@
 """SEED: self-supervised distillation into a smaller student (Fang et al., ICLR 2021).
 
 Formulas and defaults: docs/METHOD.md (SEED); presets and paper-vs-code notes:
-configs/seed.py.
+configs/seed_distill.py.
 
 State (a plain dict pytree, replicated over the mesh):
     step        int32 []          steps taken
@@ -32,7 +32,8 @@ import numpy as np
 import optax
 
 from dvp_jax import checkpoints, config_checks, loop, objectives, optim, sharding
-from dvp_jax.trainers import common, pretrained
+from dvp_jax import pretrained
+from dvp_jax.trainers import common
 
 AUGMENTATIONS = {"moco_v2": "view1", "train_crop_flip": "image"}  # transform -> batch key fed.
 
@@ -88,7 +89,7 @@ def make_train_step(student, teacher, tx: optax.GradientTransformation, seed_con
         queue = state["queue"]
 
         def loss_fn(params):
-            # SEED's own students (model.variant='seed') use dropout: one key per step.
+            # SEED's own students (model.variant='seed_distill') use dropout: one key per step.
             dropout_key = jax.random.fold_in(state["rng"], state["step"])
             out, new_vars = student.apply({"params": params, "batch_stats": state["batch_stats"]},
                                           images, train=True, mutable=["batch_stats"],
@@ -162,7 +163,7 @@ def teacher_knn_evaluator(config, teacher_model, mesh):
 
 
 def build_task(config, mesh) -> loop.Task:
-    """The loop.Task of a SEED run described by ``config`` (see configs/seed.py)."""
+    """The loop.Task of a SEED run described by ``config`` (see configs/seed_distill.py)."""
     from dvp_jax.input import device_augment, pipeline
     sc = config.seed_distill
     if sc.augmentation not in AUGMENTATIONS:
@@ -217,14 +218,14 @@ def build_task(config, mesh) -> loop.Task:
         if config.knn.teacher:
             evaluators.append(teacher_knn_evaluator(config, teacher_model, mesh))
     return loop.Task(
-        name="seed",
+        name="seed_distill",
         init_state=make_init_state(student, tx, config, teacher.variables, groups,
                                    embedding_dim),
         train_step=device_augment.wrap_step(train_step_with_lr, config, mesh, sc.augmentation),
         train_batches=train_batches,
         total_steps=sizes.total_steps, steps_per_epoch=sizes.steps_per_epoch,
         images_per_step=config.batch_size,
-        meta={"trainer": "seed", "model": eval_kwargs, "teacher": teacher.describe()},
+        meta={"trainer": "seed_distill", "model": eval_kwargs, "teacher": teacher.describe()},
         evaluators=evaluators,
         eval_every_steps=common.eval_every_steps(config, sizes.steps_per_epoch),
         check_resume=pretrained.check_same_teacher(

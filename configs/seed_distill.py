@@ -1,10 +1,10 @@
 r"""SEED: self-supervised distillation of a frozen SSL teacher into a smaller student.
 
-    python -m dvp_jax.main --config=configs/seed.py:digits --workdir=runs/seed_digits \
+    python -m dvp_jax.main --config=configs/seed_distill.py:digits --workdir=runs/seed_digits \
         --config.seed_distill.teacher_checkpoint=runs/moco_digits/checkpoints
 
 The teacher is any checkpoint with a projection head: a Phase-1 run (configs/moco.py, its
-WORKDIR/checkpoints) or an SSL encoder converted with ``python -m dvp_jax.convert``. For the
+WORKDIR/checkpoints) or an SSL encoder converted with ``python -m dvp_jax.convert_torch``. For the
 digits preset, train the teacher first:
 
     python -m dvp_jax.main --config=configs/moco.py:digits --workdir=runs/moco_digits
@@ -25,7 +25,7 @@ Measured with the former 16-px digits presets (student 0.125, teacher 0.25) and 
 per-step cosine schedule (not rerun since the digits presets moved to 32 px and SEED's per-epoch
 schedule): student k-NN 61.4 vs teacher 57.6 (the default configs/moco.py:digits teacher);
 linear readout of the student 65.6 vs 60.2 for the teacher. A MobileNetV3 / EfficientNet student
-is read out with the same --config.model.variant=seed as its SEED run (the readout refuses a
+is read out with the same --config.model.variant=seed_distill as its SEED run (the readout refuses a
 mismatch).
 
 Presets (after the colon):
@@ -56,7 +56,7 @@ Paper vs released code (jacobswan1/SEED):
       batch 256; DOWNWARDS below it), then base_lr * batch / 256 * (1 + cos(pi e / 200)) / 2,
       a cosine over all the epochs, warm-up included. ('cosine' with warmup_epochs = 5 is the
       per-step variant warming up from 0.)
-  students: model.variant='seed' builds SEED's own MobileNetV3-Large / EfficientNet-B0
+  students: model.variant='seed_distill' builds SEED's own MobileNetV3-Large / EfficientNet-B0
       (dvp_jax/models/); 'torchvision' gives torchvision's. ResNets are the same in both.
   BN of the student: one group over the global batch
       (bn_groups = 1; no positive pair inside the batch, so no shuffle BN is needed); 0 = one
@@ -91,14 +91,14 @@ def knn_section() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
-    config = config_base.base_config("seed")
+    config = config_base.base_config("seed_distill")
     config.seed_distill = seed_section()
     config.knn = knn_section()
     config.optim = config_base.optim_config(base_lr=0.03, weight_decay=1e-4)
     config.optim.schedule = "seed_epoch_cosine"  # SEED's adjust_learning_rate (per epoch).
     config.optim.warmup_epochs = 5.0
     config.num_epochs = 200.0
-    config.model.variant = "seed"  # SEED's MobileNetV3 / EfficientNet-B0 (ResNets: no change).
+    config.model.variant = "seed_distill"  # SEED's MobileNetV3 / EfficientNet-B0 (ResNets: no change).
     preset = arg or "digits"
     if preset == "digits":
         config_base.digits_data_and_model(config)
@@ -128,6 +128,6 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         config.loop.log_every_steps = 100
         config.loop.eval_every_epochs = 0.0  # k-NN over 1.28M train images: at the end only.
     else:
-        raise ValueError(f"Unknown preset {preset!r} for configs/seed.py; "
+        raise ValueError(f"Unknown preset {preset!r} for configs/seed_distill.py; "
                          "allowed: digits, runlocal, imagenet.")
     return config

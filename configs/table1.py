@@ -1,6 +1,6 @@
 r"""The paper's whole experiment (Table 1) in one command: the README's main job.
 
-    python -m dvp_jax.main --config=configs/pipeline.py --workdir=runs/dvp
+    python -m dvp_jax.main --config=configs/table1.py --workdir=runs/dvp
 
 Stages per seed: supervised from scratch; random init (the untrained Phase-1 encoder, k-NN);
 Phase 1 (margin-MoCo, k-NN); Phase 1 + linear readout; Phase 1 + finetune; Phase 1 + Phase 2
@@ -112,11 +112,11 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     preset = arg or "default"
     allowed = ("default", "full", "vipriors", "cifar10", "runlocal")
     if preset not in allowed:
-        raise ValueError(f"Unknown preset {preset!r} for configs/pipeline.py; "
+        raise ValueError(f"Unknown preset {preset!r} for configs/table1.py; "
                          f"allowed: {', '.join(allowed)}.")
     size = {"default": "digits", "full": "digits", "cifar10": "digits"}.get(preset, preset)
     config = ml_collections.ConfigDict()
-    config.trainer = "pipeline"
+    config.experiment = "table1"
     config.seeds = (0, 1, 2, 3, 4)
     config.eval_splits = ("val", "test")
     config.skip_stages = ()  # e.g. ('supervised',) to leave a row out.

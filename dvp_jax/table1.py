@@ -12,7 +12,7 @@ For every seed in ``config.seeds``, in ``WORKDIR/seed_<s>/<stage>``:
     finetune    Phase 1 + full finetune
     distill     Phase 1 + Phase 2 (self-distillation from the frozen Phase-1 encoder)
 
-Each stage is a full trainer config under ``config.stages.<stage>``; the pipeline copies the
+Each stage is a full trainer config under ``config.stages.<stage>``; the runner copies the
 shared ``config.input`` and ``config.model`` and the seed into it, and wires the Phase-1
 checkpoint into the stages that start from it. A stage that finished is skipped (its
 ``done.json`` holds its evaluation) unless its config changed since (then it runs again: the
@@ -24,12 +24,11 @@ Then ``WORKDIR/results.json``, ``results.md``, ``curves.png`` and ``accuracy.png
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import jax
 import ml_collections
-from dvp_jax import config_checks, console, fileio, loop, registry, report
+from dvp_jax import config_checks, console, fileio, loop, report, train
 
 STAGES = ("supervised", "random", "moco", "linear", "finetune", "distill")
 # stage -> (row label of Table 1, starts from Phase 1).
@@ -154,10 +153,8 @@ def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
             console.say(f"seed {seed} · {stage}: finished earlier, skipped ({done_path}); " +
                         _accuracy_text(record["accuracy"]))
         return record
-    config_checks.validate(c)
     loop.set_stage_label(f"seed {seed} · {stage}")
-    module = importlib.import_module(registry.TRAINERS[c.trainer])
-    module.train(c, stage_dir, None)
+    train.train_and_evaluate(c, stage_dir)
     loop.set_stage_label("")
     accuracies = _evaluate_stage(stage, stage_dir, config.eval_splits, c)
     if jax.process_index() == 0:
@@ -181,8 +178,16 @@ def _accuracy_text(accuracies: dict) -> str:
     return "  ".join(f"{split} top-1 {float(v):.2f}" for split, v in accuracies.items())
 
 
-def train(config, workdir: str, mesh=None) -> dict:
+def describe(config) -> str:
+    """'Table 1: stages supervised, random, moco, linear, finetune, distill x seeds 0, 1, 2'."""
+    stages, _ = stages_and_rows(config)
+    seeds = ", ".join(str(s) for s in config.seeds)
+    return f"Table 1: stages {', '.join(stages)} x seeds {seeds}"
+
+
+def run(config, workdir: str) -> dict:
     """Runs every stage for every seed, then writes and prints the results table."""
+    config_checks.validate(config)  # The shared keys (input, model, loop); stages: below.
     loop.check_or_save_config(config, workdir)
     records = []
     stages, rows = stages_and_rows(config)

@@ -1,7 +1,7 @@
 """Loading pretrained encoders from checkpoints: frozen teachers and warm starts.
 
 Any checkpoint dvp_jax writes (a workdir's ``checkpoints`` folder) or converts from PyTorch
-(``python -m dvp_jax.convert``) works: its meta names the model, its state holds
+(``python -m dvp_jax.convert_torch``) works: its meta names the model, its state holds
 'params' / 'batch_stats' with a 'backbone' entry and optional 'projection' / 'classifier'.
 """
 from __future__ import annotations

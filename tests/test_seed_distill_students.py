@@ -1,4 +1,4 @@
-"""SEED's own students (model.variant='seed') beside torchvision's definitions.
+"""SEED's own students (model.variant='seed_distill') beside torchvision's definitions.
 
 Numbers from jacobswan1/SEED: its mobilenetv3_large(num_classes=1000) and EfficientNet-B0
 (EfficientNet-PyTorch) have 5,483,032 and 5,288,548 parameters (as torchvision's); its
@@ -20,7 +20,7 @@ from test_models import _init_shapes, random_variables  # noqa: E402
 @pytest.mark.parametrize("name,count", [("mobilenet_v3_large", 5_483_032),
                                         ("efficientnet_b0", 5_288_548)])
 def test_seed_students_parameter_counts(name, count):
-    seed = _init_shapes(models.build(name, num_classes=1000, variant="seed"), 224)
+    seed = _init_shapes(models.build(name, num_classes=1000, variant="seed_distill"), 224)
     tv = _init_shapes(models.build(name, num_classes=1000), 224)
     assert models.count_params(seed["params"]) == count
     assert jax.tree.map(lambda s: s.shape, seed) == jax.tree.map(lambda s: s.shape, tv)
@@ -31,7 +31,7 @@ def test_seed_students_parameter_counts(name, count):
 def test_seed_mobilenet_block_puts_se_before_the_activation():
     """features_4 (24 -> 72 -> 40, k5 s2, SE, ReLU): SEED's order vs a step-by-step numpy-free
     composition of the same sub-layers; torchvision's order gives another output."""
-    block = mobilenet_v3.InvertedResidual(24, 5, 72, 40, True, False, 2, variant="seed")
+    block = mobilenet_v3.InvertedResidual(24, 5, 72, 40, True, False, 2, variant="seed_distill")
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 24)), jnp.float32)
     shapes = jax.eval_shape(lambda x: block.init(jax.random.key(0), x), x)
     v = random_variables(shapes, seed=4)
@@ -53,8 +53,8 @@ def test_seed_mobilenet_block_puts_se_before_the_activation():
 
 
 @pytest.mark.parametrize("name,variant,settings", [
-    ("mobilenet_v3_large", "seed", (1e-5, 0.1)), ("mobilenet_v3_large", "torchvision", (1e-3, 0.01)),
-    ("efficientnet_b0", "seed", (1e-3, 0.01)), ("efficientnet_b0", "torchvision", (1e-5, 0.1))])
+    ("mobilenet_v3_large", "seed_distill", (1e-5, 0.1)), ("mobilenet_v3_large", "torchvision", (1e-3, 0.01)),
+    ("efficientnet_b0", "seed_distill", (1e-3, 0.01)), ("efficientnet_b0", "torchvision", (1e-5, 0.1))])
 def test_bn_eps_and_momentum_of_each_variant(name, variant, settings):
     """Every BatchNorm the backbone calls (recorded while tracing init; nothing runs)."""
     seen = set()
@@ -83,7 +83,7 @@ def test_tf_same_padding_of_seed_efficientnet():
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
     ref = ref / jnp.sqrt(1.0 + 1e-5)  # Fresh BN statistics (mean 0, var 1), eps 1e-5 default.
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
-    seed = models.build("efficientnet_b0", variant="seed")
+    seed = models.build("efficientnet_b0", variant="seed_distill")
     assert seed.backbone.stochastic_depth_prob == pytest.approx(efficientnet.SEED_DROP_CONNECT)
     assert models.build("efficientnet_b0").backbone.stochastic_depth_prob == 0.0
 
@@ -111,8 +111,8 @@ def test_seed_students_drop_out_pooled_in_training_only(name):
         return calls, out["pooled"].shape
 
     width = 1280 if name == "mobilenet_v3_large" else 640  # SEED keeps 1280 for MobileNet.
-    assert dropouts("seed", True) == ([(0.2, False, (2, width))], (2, width))
-    assert dropouts("seed", False)[0] == [(0.2, True, (2, width))]
+    assert dropouts("seed_distill", True) == ([(0.2, False, (2, width))], (2, width))
+    assert dropouts("seed_distill", False)[0] == [(0.2, True, (2, width))]
     assert dropouts("torchvision", True)[0] == []
 
 
@@ -123,7 +123,7 @@ def test_readout_refuses_a_student_of_the_other_variant():
     from dvp_jax.trainers import classify
     config = classify_configs.get_config("linear_runlocal")
     config.model.name = "mobilenet_v3_large"
-    source = types.SimpleNamespace(model_kwargs={"name": "mobilenet_v3_large", "variant": "seed"},
+    source = types.SimpleNamespace(model_kwargs={"name": "mobilenet_v3_large", "variant": "seed_distill"},
                                    directory="runs/seed_mbv3/checkpoints")
-    with pytest.raises(ValueError, match="--config.model.variant=seed"):
+    with pytest.raises(ValueError, match="--config.model.variant=seed_distill"):
         classify.check_backbone(None, config, source, "config.classify.init_checkpoint")

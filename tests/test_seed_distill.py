@@ -12,9 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from configs import seed as seed_config
-from dvp_jax import checkpoints, loop, objectives, sharding
-from dvp_jax.trainers import common, pretrained, seed
+from configs import seed_distill as seed_distill_config
+from dvp_jax import checkpoints, loop, objectives, pretrained, sharding
+from dvp_jax.trainers import common, seed_distill
 
 TEACHER_KWARGS = dict(name="resnet18", small_stem=True, width_multiplier=0.25, dtype="float32",
                       zero_init_residual=False, projection_dims=[32, 16], bn_groups=1)
@@ -49,7 +49,7 @@ def write_teacher(directory, step=1, seed_=0, projection=True):
 
 
 def tiny_config(teacher_dir, **overrides):
-    config = seed_config.get_config("runlocal")
+    config = seed_distill_config.get_config("runlocal")
     config.seed_distill.teacher_checkpoint = str(teacher_dir)
     for k, v in overrides.items():
         config.seed_distill[k] = v
@@ -64,7 +64,7 @@ def setup(tmp_path_factory):
     config = tiny_config(d)  # K = 64, batch 16: the ring wraps after 4 steps.
     config.knn.teacher = False  # Saves a compile; the student's k-NN runs.
     mesh = sharding.make_mesh()
-    return config, mesh, seed.build_task(config, mesh)
+    return config, mesh, seed_distill.build_task(config, mesh)
 
 
 def loop_jits(task, mesh):
@@ -85,8 +85,8 @@ def random_batches(config, n, seed_=0):
 
 def test_queue_ring_frozen_teacher_and_loss(setup):
     config, mesh, task = setup
-    teacher = seed.load_teacher(config.seed_distill)
-    teacher_model = common.build_model(seed.teacher_model_kwargs(teacher, "float32"))
+    teacher = seed_distill.load_teacher(config.seed_distill)
+    teacher_model = common.build_model(seed_distill.teacher_model_kwargs(teacher, "float32"))
     student = common.build_model(task.meta["model"])  # bn_groups = 1 as in training here.
     init, step = loop_jits(task, mesh)
     state = init(jax.random.PRNGKey(config.seed))
@@ -144,17 +144,17 @@ def test_queue_ring_frozen_teacher_and_loss(setup):
 
 def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="queue_size=100 is not a multiple of config.batch_size"):
-        seed.check_queue(100, 16)
+        seed_distill.check_queue(100, 16)
     with pytest.raises(ValueError, match="teacher_checkpoint is empty"):
-        seed.load_teacher(tiny_config("").seed_distill)
+        seed_distill.load_teacher(tiny_config("").seed_distill)
     write_teacher(tmp_path / "headless", projection=False)
     with pytest.raises(checkpoints.CheckpointError, match="no projection head"):
-        seed.load_teacher(tiny_config(tmp_path / "headless").seed_distill)
+        seed_distill.load_teacher(tiny_config(tmp_path / "headless").seed_distill)
 
 
 def test_hidden_dim_defaults_to_backbone_dim():
     config = tiny_config("unused", hidden_dim=0)
-    kwargs = seed.student_model_kwargs(config, 16, groups=1)
+    kwargs = seed_distill.student_model_kwargs(config, 16, groups=1)
     assert kwargs["projection_dims"] == [64, 16]  # ResNet-18 at width 0.125: 512 / 8.
 
 
@@ -167,7 +167,7 @@ def test_run_via_loop_then_resume_refuses_another_teacher(setup, tmp_path):
     ckpt = str(tmp_path / "seed" / "checkpoints")
     meta = checkpoints.load_meta(ckpt)
     teacher_dir = config.seed_distill.teacher_checkpoint
-    assert meta["trainer"] == "seed"
+    assert meta["trainer"] == "seed_distill"
     assert meta["teacher"] == pretrained.load(teacher_dir, keep_projection=True).describe()
     # What the classification trainers do with config.classify.init_checkpoint:
     student = pretrained.load(ckpt, keep_projection=False)
@@ -183,13 +183,13 @@ def test_run_via_loop_then_resume_refuses_another_teacher(setup, tmp_path):
     config2.knn.teacher = False
     config2.loop.allow_config_change = True
     with pytest.raises(pretrained.TeacherMismatchError, match="distilled from the teacher"):
-        loop.run(seed.build_task(config2, mesh), config2, workdir, mesh)
+        loop.run(seed_distill.build_task(config2, mesh), config2, workdir, mesh)
 
     # The same path holding a newer, different step is caught by the fingerprint too; a copy
     # of the same teacher elsewhere is accepted.
     copy = tmp_path / "copied_teacher"
     shutil.copytree(teacher_dir, copy)
-    pretrained.check_same_teacher(seed.load_teacher(tiny_config(copy).seed_distill), "config.seed_distill.teacher_checkpoint")(meta)
+    pretrained.check_same_teacher(seed_distill.load_teacher(tiny_config(copy).seed_distill), "config.seed_distill.teacher_checkpoint")(meta)
     write_teacher(copy, step=2, seed_=2)
     with pytest.raises(pretrained.TeacherMismatchError, match="fingerprint"):
-        pretrained.check_same_teacher(seed.load_teacher(tiny_config(copy).seed_distill), "config.seed_distill.teacher_checkpoint")(meta)
+        pretrained.check_same_teacher(seed_distill.load_teacher(tiny_config(copy).seed_distill), "config.seed_distill.teacher_checkpoint")(meta)

@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from configs import pipeline as pipeline_configs
-from dvp_jax import jsonfmt, pipeline, train
+from configs import table1 as table1_configs
+from dvp_jax import jsonfmt, table1
 
 STAGES = ("supervised", "random", "moco", "linear", "finetune", "distill")
 
@@ -15,8 +15,8 @@ STAGES = ("supervised", "random", "moco", "linear", "finetune", "distill")
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pipeline"))
-    config = pipeline_configs.get_config("runlocal")
-    results = train.train_and_evaluate(config, workdir)
+    config = table1_configs.get_config("runlocal")
+    results = table1.run(config, workdir)
     return workdir, config, results
 
 
@@ -31,12 +31,12 @@ def test_every_artefact_exists_and_is_well_formed(finished):
             assert len(row[split]["per_seed"]) == len(config.seeds)
     assert saved["rows"] == jsonfmt.rounded(results)  # Floats to 6 significant digits.
     table = open(os.path.join(workdir, "results.md")).read()
-    for label, _ in pipeline.ROWS.values():
+    for label, _ in table1.ROWS.values():
         assert label in table
     assert "val top-1 (%) final" in table and "±" in table
     assert "best val epoch (reference protocol)" in table
     for row in saved["rows"]:  # The reference's protocol beside the final epoch (not k-NN).
-        if row["stage"] in pipeline.KNN_STAGES:
+        if row["stage"] in table1.KNN_STAGES:
             assert "best_val_epoch" not in row
         else:
             assert row["best_val_epoch"]["split"] == "val"
@@ -55,7 +55,7 @@ def test_a_rerun_skips_finished_stages(finished):
     workdir, config, results = finished
     stamps = {s: os.path.getmtime(os.path.join(workdir, "seed_0", s, "done.json")) for s in STAGES}
     t0 = time.time()
-    again = train.train_and_evaluate(config, workdir)
+    again = table1.run(config, workdir)
     assert again == results
     assert time.time() - t0 < 30  # No training, no evaluation: only the report is rewritten.
     for s in STAGES:
@@ -69,40 +69,40 @@ def test_an_interrupted_stage_resumes(finished, tmp_path):
     copy = str(tmp_path / "copy")
     shutil.copytree(workdir, copy)
     os.remove(os.path.join(copy, "seed_0", "distill", "done.json"))
-    results = train.train_and_evaluate(config, copy)
+    results = table1.run(config, copy)
     assert os.path.exists(os.path.join(copy, "seed_0", "distill", "done.json"))
     assert [r["stage"] for r in results] == list(STAGES)
 
 
 def test_top_level_loop_overrides_reach_every_stage():
-    config = pipeline_configs.get_config("runlocal")
-    own = {s: pipeline.stage_config(config, s, 0, "/w").loop.to_dict() for s in STAGES}
-    random_stage = pipeline.random_init_config(config.stages.moco, config.random_init_bn_epochs)
+    config = table1_configs.get_config("runlocal")
+    own = {s: table1.stage_config(config, s, 0, "/w").loop.to_dict() for s in STAGES}
+    random_stage = table1.random_init_config(config.stages.moco, config.random_init_bn_epochs)
     stage_own = {s: random_stage if s == "random" else config.stages[s] for s in STAGES}
     assert all(own[s] == stage_own[s].loop.to_dict() for s in STAGES)  # Unset: stage's own.
     config.loop.checkpoint_every_steps = 7
     config.loop.allow_config_change = True
     for s in STAGES:
-        c = pipeline.stage_config(config, s, 0, "/w")
+        c = table1.stage_config(config, s, 0, "/w")
         assert c.loop.checkpoint_every_steps == 7 and c.loop.allow_config_change
         assert c.loop.log_every_steps == own[s]["log_every_steps"]
 
 
 def test_a_finished_stage_with_a_changed_config_is_not_skipped(tmp_path):
     from dvp_jax import loop
-    config = pipeline_configs.get_config("runlocal")
-    c = pipeline.stage_config(config, "linear", 0, str(tmp_path))
+    config = table1_configs.get_config("runlocal")
+    c = table1.stage_config(config, "linear", 0, str(tmp_path))
     stage_dir = str(tmp_path / "seed_0" / "linear")
     os.makedirs(stage_dir)
     record = {"stage": "linear", "accuracy": {"val": 50.0}}
     json.dump(record, open(os.path.join(stage_dir, "done.json"), "w"))
-    assert pipeline.finished_record(stage_dir, c) is None  # No saved config: cannot tell.
+    assert table1.finished_record(stage_dir, c) is None  # No saved config: cannot tell.
     json.dump(loop.config_to_dict(c), open(os.path.join(stage_dir, "config.json"), "w"))
-    assert pipeline.finished_record(stage_dir, c) == record
+    assert table1.finished_record(stage_dir, c) == record
     c.loop.log_every_steps = 3  # A change the loop resumes with: still finished.
-    assert pipeline.finished_record(stage_dir, c) == record
+    assert table1.finished_record(stage_dir, c) == record
     c.optim.base_lr = c.optim.base_lr * 2  # A result-changing change: run again.
-    assert pipeline.finished_record(stage_dir, c) is None
+    assert table1.finished_record(stage_dir, c) is None
 
 
 def test_results_md_equals_the_per_stage_results(finished):
@@ -118,13 +118,13 @@ def test_results_md_equals_the_per_stage_results(finished):
     table = open(os.path.join(workdir, "results.md")).read()
     assert "sample std (ddof = 1)" in table
     for stage in STAGES:
-        label = pipeline.ROWS[stage][0]
+        label = table1.ROWS[stage][0]
         line = next(l for l in table.splitlines() if l.startswith(f"| {label} |"))
         for split in config.eval_splits:
             v = np.array([done[(stage, s)][split] for s in config.seeds])
             std = v.std(ddof=1) if len(v) > 1 else 0.0
             assert f"{v.mean():.1f} ± {std:.1f}" in line
-    for label, a, b in pipeline.PAIRS:
+    for label, a, b in table1.PAIRS:
         line = next(l for l in table.splitlines() if l.startswith(f"| {label} |"))
         for split in config.eval_splits:
             d = np.array([done[(a, s)][split] - done[(b, s)][split] for s in config.seeds])
