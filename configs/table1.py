@@ -32,22 +32,19 @@ rate 0 for ``config.random_init_bn_epochs`` epochs: Phase 1's initial weights, w
 statistics fitted on the augmented train images the way Phase 1 fits its own (an untrained
 encoder whose BN statistics were never fitted would be an unfairly weak baseline).
 
-Choice of the digits split (tuned on val, never on test): see the DIGITS_CHOICE note below.
+Choice of the digits split (tuned on val, never on test): see the comment above DIGITS_EPOCHS.
 """
 import importlib.util
 import os
 
 import ml_collections
 
-DIGITS_CHOICE = """
-digits: 50 train / 50 val / 50 test images per class (500 each; scikit-learn's 1,797 images
-allow ~174 per class): VIPriors' own 50 images per class, so labels are scarce - supervised
-training from scratch fits the 500 train images and stays well below what the digits allow.
-Phase 1 sees only the same 500 train images (never val or test). 8x8 upsampled to
-32 px, ResNet-18 at width 0.125 with the small stem (config_base.digits_data_and_model says
-why 32 px: at 16 px Phase 1 did not learn).
-"""
-
+# The digits split: 50 train / 50 val / 50 test images per class (500 each; scikit-learn's
+# 1,797 images allow ~174 per class): VIPriors' own 50 images per class, so labels are scarce -
+# supervised training from scratch fits the 500 train images and stays well below what the
+# digits allow. Phase 1 sees only the same 500 train images (never val or test). 8x8 upsampled
+# to 32 px, ResNet-18 at width 0.125 with the small stem (config_base.digits_data_and_model says
+# why 32 px: at 16 px Phase 1 did not learn).
 
 # Epochs per stage of the digits presets (500 train images / batch 64 = 7 steps per epoch).
 # Phase 1 gets the most steps of any stage (the paper pretrains 8x longer than it finetunes:

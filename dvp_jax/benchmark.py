@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dvp_jax import config_base, console, errors, jsonfmt, loop, sharding
-from dvp_jax import pretrained
+from dvp_jax import config_base, console, errors, jsonfmt, loop, pretrained, sharding
+from dvp_jax.models.spec import ModelSpec
 
 # Dense peak FLOP/s of one device by device_kind (bf16 tensor cores for GPUs/TPUs).
 PEAK_FLOPS = {
@@ -95,7 +95,7 @@ def _synthetic_labels(mesh, key, batch, classes):
 
 def _moco(args, mesh):
     from dvp_jax import optim
-    from dvp_jax.trainers import common, moco
+    from dvp_jax.trainers import moco
     config = config_base.base_config("moco")
     config.moco = config_base.moco_config()
     config.optim = config_base.optim_config(base_lr=0.03)
@@ -104,8 +104,8 @@ def _moco(args, mesh):
     config.batch_size = args.batch
     config.moco.queue_size = max(args.batch, 4096 // args.batch * args.batch)
     groups = moco.bn_groups(config, mesh)
-    model = common.build_model(common.model_kwargs(
-        config.model, projection_dims=list(moco.projection_dims(config)), bn_groups=groups))
+    model = ModelSpec.from_config(config.model, projection_dims=moco.projection_dims(config),
+                                  bn_groups=groups).build()
     tx = optim.make_optimizer(config.optim, optim.make_schedule(
         config.optim, global_batch=args.batch, steps_per_epoch=100, num_epochs=1))
     step = moco.make_train_step(model, tx, config.moco, total_steps=100, shuffle=True)
@@ -125,16 +125,16 @@ def _classify_parts(args, mesh, *, distill: bool):
     config.model = _model_config(args)
     config.optim = config_base.optim_config(base_lr=0.1)
     config.optim.nesterov = True
-    model = common.build_model(common.model_kwargs(config.model, num_classes=1000))
+    model = ModelSpec.from_config(config.model, num_classes=1000).build()
     tx = optim.make_optimizer(config.optim, optim.make_schedule(
         config.optim, global_batch=args.batch, steps_per_epoch=100, num_epochs=1))
     extra = None
     if distill:  # The teacher is a frozen copy of the student's initial backbone.
-        teacher_kwargs = common.model_kwargs(config.model)
-        teacher_model = common.build_model(teacher_kwargs)
+        teacher_spec = ModelSpec.from_config(config.model)
+        teacher_model = teacher_spec.build()
         shapes = jax.eval_shape(lambda r: teacher_model.init(
             r, common.dummy_images(config), train=False), jax.random.PRNGKey(0))
-        teacher = pretrained.Pretrained(teacher_kwargs, shapes, {}, "(benchmark)", 0)
+        teacher = pretrained.Pretrained(teacher_spec, shapes, {}, "(benchmark)", 0)
         dc = ml_collections.ConfigDict({"kind": "l2", "weight": 1e-4, "teacher_bn": "eval"})
         extra = distill_lib.make_distill_term(teacher_model, dc, start_step=0, teacher=teacher,
                                               student_from_teacher=True)

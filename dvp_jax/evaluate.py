@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -50,9 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dvp_jax import (checkpoints, config_base, console, errors, features, fileio, metrics,
-                     sharding)
-from dvp_jax import pretrained
-from dvp_jax.trainers import common
+                     pretrained, sharding)
+from dvp_jax.models.spec import ModelSpec
 
 log = logging.getLogger("dvp_jax")
 
@@ -87,8 +85,8 @@ class Member:
     directory: str
     step: int
     trainer: str
-    model_kwargs: dict  # As the checkpoint recorded them.
-    build_kwargs: dict  # What the model was built with: bn_groups 1, unused heads dropped.
+    model_meta: dict  # The model as the checkpoint recorded it.
+    spec: ModelSpec  # The model built: bn_groups 1, unused heads dropped.
     variables: dict  # {'params', 'batch_stats'} replicated on the mesh.
     input_config: Any  # ml_collections.ConfigDict
     num_classes: int  # Classifier outputs; 0 = none.
@@ -96,7 +94,7 @@ class Member:
 
     def describe(self) -> dict:
         return {"directory": self.directory, "step": self.step, "trainer": self.trainer,
-                "model": self.model_kwargs, "source": self.input_config.source,
+                "model": self.model_meta, "source": self.input_config.source,
                 "image_size": int(self.input_config.image_size)}
 
 
@@ -151,28 +149,28 @@ def load_member(directory: str, *, step: int | None = None, input_config=None,
                 f"{directory!r} holds no step {step}; its steps are {sorted(steps)}.")
     pre = pretrained.load(directory, keep_projection=keep_projection, keep_classifier=True,
                           step=step)
-    kwargs = pre.model_kwargs
+    spec = pre.spec
     params = pre.variables["params"]
-    num_classes = int(kwargs.get("num_classes", 0) or 0)
+    num_classes = spec.num_classes
     if num_classes and "classifier" not in params:
         raise checkpoints.CheckpointError(
             f"The checkpoint at {directory!r} names a {num_classes}-way classifier but holds no "
             f"'classifier' parameters.")
     if "classifier" in params and not num_classes:
         params = {k: v for k, v in params.items() if k != "classifier"}
-    model = common.build_model(kwargs)
+    model = spec.build()
     in_config = make_input_config(pre.meta, input_config, input_overrides, directory)
     size = int(in_config.image_size)
     expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                  jnp.zeros((1, size, size, 3)), train=False))
     variables = {"params": params, "batch_stats": pre.variables["batch_stats"]}
-    what = f"checkpoint {directory!r} (model {kwargs.get('name')!r})"
+    what = f"checkpoint {directory!r} (model {spec.name!r})"
     pretrained.check_same_shapes(expected["params"], variables["params"], what)
     pretrained.check_same_shapes(expected.get("batch_stats", {}), variables["batch_stats"], what)
     mesh = sharding.make_mesh() if mesh is None else mesh
     variables = sharding.put_replicated(jax.tree.map(np.asarray, variables), mesh)
     return Member(directory, int(pre.step), str(pre.meta.get("trainer", "?")),
-                  dict(pre.meta["model"]), dict(kwargs), variables, in_config, num_classes,
+                  dict(pre.meta["model"]), spec, variables, in_config, num_classes,
                   pre.meta)
 
 
@@ -217,11 +215,10 @@ def _global_batch(batch_size: int, mesh) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_predict(kwargs_json: str, scores: bool, feature: str | None) -> features.PredictFn:
-    """One predict function per (architecture, outputs): features.extract compiles it once and
-    every pass and every member of an ensemble reuses that program."""
-    return make_predict(common.build_model(json.loads(kwargs_json)), scores=scores,
-                        feature=feature)
+def _cached_predict(spec: ModelSpec, scores: bool, feature: str | None) -> features.PredictFn:
+    """One predict function per (model, outputs): features.extract compiles it once and every
+    pass and every member of an ensemble reuses that program."""
+    return make_predict(spec.build(), scores=scores, feature=feature)
 
 
 def _run_pass(member: Member, split: str, transform: str, *, scores: bool, feature: str | None,
@@ -229,8 +226,7 @@ def _run_pass(member: Member, split: str, transform: str, *, scores: bool, featu
     """(scores [N, C] or None, features [N, D] or None, labels [N]) of one pass over ``split``,
     padding dropped, identical on every process."""
     from dvp_jax.input import pipeline
-    predict = _cached_predict(json.dumps(member.build_kwargs, sort_keys=True), bool(scores),
-                              feature)
+    predict = _cached_predict(member.spec, bool(scores), feature)
     batches = pipeline.make_eval_iterator(member.input_config, split, transform,
                                           global_batch=global_batch,
                                           image_size=int(member.input_config.image_size))
@@ -246,7 +242,7 @@ def _bank_pass(member: Member, split: str, feature: str, global_batch: int, mesh
     """The k-NN bank of ``split`` (centre crops, ``feature``) as a metrics.ShardedBank: rows
     stay split over the devices, never gathered to a host."""
     from dvp_jax.input import pipeline
-    predict = _cached_predict(json.dumps(member.build_kwargs, sort_keys=True), False, feature)
+    predict = _cached_predict(member.spec, False, feature)
     batches = pipeline.make_eval_iterator(member.input_config, split, "eval_center",
                                           global_batch=global_batch,
                                           image_size=int(member.input_config.image_size))
@@ -332,7 +328,7 @@ def evaluate_checkpoints(checkpoint_dirs: Sequence[str], *, split: str, input_co
     if not with_classifier and not knn:
         raise EvaluationError(
             f"{members[0].directory} holds an encoder without a classifier (trainer "
-            f"{members[0].trainer!r}, model {members[0].model_kwargs.get('name')!r}): pass --knn "
+            f"{members[0].trainer!r}, model {members[0].spec.name!r}): pass --knn "
             f"for weighted k-NN accuracy, or evaluate a linear / finetune / distill checkpoint.")
     if ten_crop and not with_classifier:
         raise EvaluationError("--ten_crop averages classifier softmax over crops; "
@@ -345,7 +341,7 @@ def evaluate_checkpoints(checkpoint_dirs: Sequence[str], *, split: str, input_co
                 f"source {m.input_config.source!r} has {info.num_classes} classes: wrong data? "
                 f"(pass --source / --config to choose it).")
     if knn and knn_feature == "projection":
-        no_head = [m.directory for m in members if not m.model_kwargs.get("projection_dims")]
+        no_head = [m.directory for m in members if not m.spec.projection_dims]
         if no_head:
             raise EvaluationError(f"knn_feature='projection' but {', '.join(no_head)} has no "
                                   f"projection head; use knn_feature='pooled'.")
@@ -362,7 +358,7 @@ def evaluate_checkpoints(checkpoint_dirs: Sequence[str], *, split: str, input_co
         res = m.describe()
         what = f"Model {i} ({m.directory})"
         log.info("evaluating %s step %d (%s, trainer %s) on %s of %s at %d px%s%s", m.directory,
-                 m.step, m.build_kwargs.get("name"), m.trainer, split, m.input_config.source,
+                 m.step, m.spec.name, m.trainer, split, m.input_config.source,
                  int(m.input_config.image_size), ", ten-crop" if ten_crop else "",
                  f", k-NN (k={knn_k})" if knn else "")
         # Centre pass: logits and/or k-NN query features in one go when both are wanted.
@@ -445,9 +441,9 @@ def training_best_epoch(checkpoint_dir: str, split: str) -> dict | None:
     """The training run's "best val epoch (reference protocol)" record for ``split``
     (WORKDIR/best_<split>.json beside the checkpoints, written by the classification and
     Phase-2 trainers), or None. The evaluated checkpoint itself is the "final" one."""
-    from dvp_jax.trainers import classify
+    from dvp_jax.evaluators import eval_files
     workdir = os.path.dirname(resolve_checkpoint_dir(checkpoint_dir).rstrip("/")) or "."
-    return classify.read_best(workdir, split)
+    return eval_files.read_best(workdir, split)
 
 
 def summary_line(result: dict) -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import itertools
-import json
 import math
 import os
 import re
@@ -43,24 +42,11 @@ from absl import logging as log
 from jax.experimental import multihost_utils
 
 from dvp_jax import (checkpoints, console, distributed, errors, fileio, jsonfmt, preemption,
-                     sharding, workdir_lock)
-
-
-# Config keys that may change between a run and its resume (they change no result). Paths
-# may move with a workdir: a teacher is identified by its fingerprint (Task.check_resume),
-# and a warm start only matters before the first checkpoint.
-RESUMABLE_CHANGES = ("loop.log_every_steps", "loop.allow_config_change", "loop.eval_every_epochs",
-                     "loop.checkpoint_every_steps", "loop.keep_checkpoints", "input.prefetch",
-                     "input.data_dir", "input.manual_dir", "distill.teacher_checkpoint",
-                     "seed_distill.teacher_checkpoint", "classify.init_checkpoint")
+                     sharding, workdir_config, workdir_lock)
 
 
 class NonFiniteError(errors.UserError, FloatingPointError):
     """The loss or a gradient became NaN or Inf."""
-
-
-class ConfigMismatchError(errors.UserError, ValueError):
-    """The workdir holds a run made with another config."""
 
 
 class CheckpointSaveError(errors.UserError, OSError):
@@ -94,44 +80,6 @@ class Task:
     evaluators: Sequence[Callable[[Any], dict]] = ()
     eval_every_steps: int = 0
     check_resume: Callable[[dict], None] | None = None
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def _flatten(d: Any, prefix: str = "") -> dict:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: list(d) if isinstance(d, tuple) else d}
-
-
-def config_to_dict(config) -> dict:
-    """A ConfigDict as plain JSON-able nested dicts."""
-    return json.loads(config.to_json_best_effort())
-
-
-def check_or_save_config(config, workdir: str) -> None:
-    """Saves WORKDIR/config.json, or refuses a workdir whose saved config differs."""
-    path = os.path.join(workdir, "config.json")
-    current = config_to_dict(config)
-    if os.path.exists(path):
-        saved = fileio.read_json(path)
-        a, b = _flatten(saved), _flatten(current)
-        diff = sorted(k for k in set(a) | set(b)
-                      if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
-        if diff and not config.loop.allow_config_change:
-            rows = "\n".join(f"  {k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
-                             for k in diff)
-            raise ConfigMismatchError(
-                f"Workdir {workdir!r} holds a run with a different config:\n{rows}\n"
-                "Use another --workdir for a fresh run, or pass --config.loop.allow_config_change=True "
-                "to resume this one with the new values.")
-    if jax.process_index() == 0:
-        # Written whole then renamed: another process checking it never reads a partial file.
-        fileio.write_json(path, current, exact=True)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -289,14 +237,15 @@ def _run_locked(task: Task, config, workdir: str, mesh) -> Any:
 
     mesh = sharding.make_mesh() if mesh is None else mesh
     lc = config.loop
-    check_or_save_config(config, workdir)
+    workdir_config.check_or_save_config(config, workdir)
     from dvp_jax.input import sources  # Imports TensorFlow: kept out of module import time.
     # Before the first collective: every host must have the same config, data and code.
     distributed.check_agreement("start", {
-        "config": config_to_dict(config), "data set sizes": sources.split_sizes(config.input),
+        "config": workdir_config.config_to_dict(config),
+        "data set sizes": sources.split_sizes(config.input),
         "steps": [task.total_steps, task.steps_per_epoch, task.images_per_step]})
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    meta = dict(task.meta, config=config_to_dict(config))
+    meta = dict(task.meta, config=workdir_config.config_to_dict(config))
     rep = sharding.replicated(mesh)
     mngr, state, start = _restore_latest(task, config, ckpt_dir, mesh)
 

@@ -14,13 +14,14 @@ import jax
 import numpy as np
 
 from dvp_jax import checkpoints, errors
-from dvp_jax.trainers import common
+from dvp_jax.models.spec import ModelSpec
 
 
 @dataclasses.dataclass
 class Pretrained:
-    """A restored encoder. variables: {'params', 'batch_stats'} of host numpy arrays."""
-    model_kwargs: dict
+    """A restored encoder. variables: {'params', 'batch_stats'} of host numpy arrays; spec: the
+    model that holds them (heads not loaded dropped, bn_groups 1)."""
+    spec: ModelSpec
     variables: dict
     meta: dict
     directory: str
@@ -34,7 +35,7 @@ class Pretrained:
     def describe(self) -> dict:
         """What a student checkpoint records about its teacher."""
         return {"directory": self.directory, "step": self.step, "fingerprint": self.fingerprint,
-                "model": self.model_kwargs}
+                "model": self.spec.to_meta()}
 
 
 class TeacherMismatchError(errors.UserError, ValueError):
@@ -77,17 +78,16 @@ def load(directory: str, *, keep_projection: bool, keep_classifier: bool = False
          step: int | None = None) -> Pretrained:
     """Restores an encoder; drops the heads not asked for (and their build kwargs)."""
     meta, variables = checkpoints.load_model_variables(directory, step)
-    kwargs = dict(meta["model"])
+    spec = ModelSpec.from_meta(meta["model"]).replace(bn_groups=1)
     params = dict(variables["params"])
     if not keep_projection:
         params.pop("projection", None)
-        kwargs.pop("projection_dims", None)
+        spec = spec.replace(projection_dims=())
     if not keep_classifier:
         params.pop("classifier", None)
-        kwargs["num_classes"] = 0
-    kwargs["bn_groups"] = 1
+        spec = spec.replace(num_classes=0)
     used_step = checkpoints.latest_step(directory) if step is None else step
-    return Pretrained(kwargs, {"params": params, "batch_stats": variables["batch_stats"]},
+    return Pretrained(spec, {"params": params, "batch_stats": variables["batch_stats"]},
                       meta, str(directory), used_step)
 
 
@@ -110,17 +110,3 @@ def check_same_shapes(expected: Any, got: Any, what: str) -> None:
                 f"{what}: parameter {key} has shape {tuple(have[key])} in the checkpoint but "
                 f"{tuple(exp[key])} in the configured model. Is it of another architecture "
                 "or width?")
-
-
-def backbone_init(pretrained: Pretrained, model_params: Any, model_batch_stats: Any,
-                  what: str = "init_checkpoint") -> tuple[Any, Any]:
-    """New (params, batch_stats) whose 'backbone' comes from ``pretrained`` (shape-checked)."""
-    check_same_shapes(model_params["backbone"], pretrained.variables["params"]["backbone"], what)
-    params = dict(model_params, backbone=pretrained.variables["params"]["backbone"])
-    batch_stats = dict(model_batch_stats, backbone=pretrained.variables["batch_stats"]["backbone"])
-    return params, batch_stats
-
-
-def build(pretrained: Pretrained):
-    """The Flax module of a restored encoder."""
-    return common.build_model(pretrained.model_kwargs)

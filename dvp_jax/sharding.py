@@ -52,11 +52,6 @@ def check_global_batch(global_batch: int, mesh: Mesh, key: str = "batch_size") -
             f"config.{key}={global_batch} is not divisible by the {jax.process_count()} processes.")
 
 
-def host_batch_size(global_batch: int) -> int:
-    """The share of the global batch this process loads: global_batch / process_count."""
-    return global_batch // jax.process_count()
-
-
 def to_global(host_batch: Any, mesh: Mesh) -> Any:
     """Host-local numpy batch pytree (leading dim = host share) -> global sharded jax.Arrays."""
     sharding = batch_sharded(mesh)

@@ -28,7 +28,8 @@ import os
 
 import jax
 import ml_collections
-from dvp_jax import config_checks, console, fileio, loop, report, train
+from dvp_jax import config_checks, console, fileio, loop, report, train, workdir_config
+from dvp_jax.evaluators import eval_files
 
 STAGES = ("supervised", "random", "moco", "linear", "finetune", "distill")
 # stage -> (row label of Table 1, starts from Phase 1).
@@ -121,7 +122,7 @@ def finished_record(stage_dir: str, stage_cfg) -> dict | None:
     """The stage's done.json record if it finished with exactly ``stage_cfg``, else None.
 
     A finished stage whose saved config (STAGE_DIR/config.json) differs from ``stage_cfg``
-    (apart from loop.RESUMABLE_CHANGES such as log intervals) is run again: the loop then continues it (changes it can resume with, e.g. more epochs) or
+    (apart from workdir_config.RESUMABLE_CHANGES such as log intervals) is run again: the loop then continues it (changes it can resume with, e.g. more epochs) or
     refuses it naming the changed keys, as for any workdir.
     """
     done_path = os.path.join(stage_dir, "done.json")
@@ -131,9 +132,7 @@ def finished_record(stage_dir: str, stage_cfg) -> dict | None:
     saved = None
     if os.path.exists(config_path):
         saved = fileio.read_json(config_path)
-    a, b = loop._flatten(saved or {}), loop._flatten(loop.config_to_dict(stage_cfg))
-    changed = [k for k in set(a) | set(b)
-               if a.get(k) != b.get(k) and k not in loop.RESUMABLE_CHANGES]
+    changed = workdir_config.changed_keys(saved or {}, workdir_config.config_to_dict(stage_cfg))
     if saved is None or changed:
         if jax.process_index() == 0:
             console.say(f"{stage_dir}: the stage config changed since it finished; "
@@ -162,9 +161,8 @@ def run_stage(config, stage: str, seed: int, workdir: str) -> dict:
     uses_phase1 = stage not in ("supervised", "random")
     # 'accuracy' is the final epoch's; 'best_val_epoch' the reference code's protocol (the
     # best of the periodic evaluations on input.eval_split; None for the k-NN of Phase 1).
-    from dvp_jax.trainers import classify
     record = {"stage": stage, "seed": seed, "accuracy": accuracies, "accuracy_label": "final",
-              "best_val_epoch": classify.read_best(stage_dir, c.input.eval_split),
+              "best_val_epoch": eval_files.read_best(stage_dir, c.input.eval_split),
               "pretrain_epochs": config.stages.moco.num_epochs if uses_phase1 else 0,
               "train_epochs": 0 if stage in KNN_STAGES else c.num_epochs,
               "workdir": stage_dir}
@@ -188,7 +186,7 @@ def describe(config) -> str:
 def run(config, workdir: str) -> dict:
     """Runs every stage for every seed, then writes and prints the results table."""
     config_checks.validate(config)  # The shared keys (input, model, loop); stages: below.
-    loop.check_or_save_config(config, workdir)
+    workdir_config.check_or_save_config(config, workdir)
     records = []
     stages, rows = stages_and_rows(config)
     for seed in config.seeds:

@@ -16,7 +16,9 @@ import pytest
 from configs import classify as classify_config
 from configs import distill as distill_config
 from dvp_jax import checkpoints, config_checks, sharding, train
-from dvp_jax.trainers import classify, common
+from dvp_jax.trainers import classify
+from dvp_jax.evaluators import eval_files
+from dvp_jax.models.spec import ModelSpec
 
 PHASE1_STEP = 10
 
@@ -25,7 +27,7 @@ def write_phase1(directory, *, name="resnet18", width=0.125, seed=0, step=PHASE1
     """A Phase-1 (MoCo-like) checkpoint with a projection head; random but BN-plausible values."""
     kwargs = dict(name=name, small_stem=True, width_multiplier=width, dtype="float32",
                   zero_init_residual=False, projection_dims=[32, 16], bn_groups=1)
-    model = common.build_model(kwargs)
+    model = ModelSpec(**kwargs).build()
     shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 16, 16, 3)), train=False),
                             jax.random.PRNGKey(0))
     rng = np.random.default_rng(seed)
@@ -167,20 +169,19 @@ def test_paper_recipes():
 def test_best_val_epoch_bookkeeping(tmp_path):
     """The reference's protocol: the best top-1 over evaluations, ties to the later one, its
     own top-5; resumed from WORKDIR/best_<split>.json, a stale (later-step) record dropped."""
-    from dvp_jax.trainers import classify
     workdir = str(tmp_path)
-    tracker = classify.BestEpoch(workdir, "val")
+    tracker = eval_files.BestEpoch(workdir, "val")
     seen = []
     for step, top1, top5 in ((7, 50.0, 90.0), (14, 60.0, 91.0), (21, 55.0, 99.0),
                              (28, 60.0, 92.0), (35, 40.0, 80.0)):
         seen.append(tracker({"top1": top1, "top5": top5, "step": step})["step"])
     assert seen == [7, 14, 14, 28, 28]
-    assert classify.read_best(workdir, "val") == {"top1": 60.0, "top5": 92.0, "step": 28}
-    resumed = classify.BestEpoch(workdir, "val")
+    assert eval_files.read_best(workdir, "val") == {"top1": 60.0, "top5": 92.0, "step": 28}
+    resumed = eval_files.BestEpoch(workdir, "val")
     assert resumed({"top1": 58.0, "top5": 95.0, "step": 42})["step"] == 28
-    fresh = classify.BestEpoch(workdir, "val")  # A new run in the same workdir: step 7 < 28.
+    fresh = eval_files.BestEpoch(workdir, "val")  # A new run in the same workdir: step 7 < 28.
     assert fresh({"top1": 10.0, "top5": 20.0, "step": 7})["top1"] == 10.0
-    assert classify.read_best(workdir, "val")["step"] == 7
+    assert eval_files.read_best(workdir, "val")["step"] == 7
 
 
 def test_mixup_loss_on_a_fixed_batch_matches_numpy():

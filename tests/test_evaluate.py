@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dvp_jax import checkpoints, config_base, evaluate, sharding
-from dvp_jax.trainers import common
+from dvp_jax.models.spec import ModelSpec
 
 NUM_EXAMPLES, NUM_CLASSES, SIZE, BATCH = 32, 10, 16, 12  # 32 / 12: the last batch is padded.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def apply_fn(kwargs):
     kwargs = dict(kwargs, bn_groups=1)
     name = json.dumps(kwargs, sort_keys=True)
     if name not in _APPLY_CACHE:
-        model = common.build_model(kwargs)
+        model = ModelSpec(**kwargs).build()
         _APPLY_CACHE[name] = jax.jit(lambda v, x: model.apply(v, x, train=False))
     return _APPLY_CACHE[name]
 
@@ -52,7 +52,7 @@ def apply_fn(kwargs):
 def random_variables(kwargs, seed):
     """Random variables of the model (numpy; no init program is compiled): He-normal kernels,
     BN scale ~1, small biases, BN statistics mean ~0, var ~1."""
-    model = common.build_model(kwargs)
+    model = ModelSpec(**kwargs).build()
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                jnp.zeros((1, SIZE, SIZE, 3)), train=False))
     rng = np.random.default_rng(seed)

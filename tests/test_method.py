@@ -17,7 +17,7 @@ from configs import classify as classify_config
 from configs import distill as distill_config
 from configs import moco as moco_config
 from configs import table1 as table1_config
-from dvp_jax import checkpoints, loop, objectives, sharding, table1, train
+from dvp_jax import checkpoints, loop, sharding, table1
 from dvp_jax.trainers import distill, moco
 
 from test_classify import assert_trees_equal, write_phase1  # noqa: E402
@@ -82,11 +82,11 @@ def test_phase2_term_reaches_the_student_only_and_logs_the_feature_distance(digi
     new_state, metrics = step(state, batch)
     # The logged d is the paper's distance computed by hand: student pooled features (train-mode
     # BN, the weights before the step) vs the frozen teacher's (inference-mode BN).
-    from dvp_jax.trainers import common
-    student = common.build_model(task.meta["model"])
+    from dvp_jax.models.spec import ModelSpec
+    student = ModelSpec.from_meta(task.meta["model"]).build()
     out, _ = student.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
                            batch["image"], train=True, mutable=["batch_stats"])
-    teacher = common.build_model(dict(task.meta["model"], num_classes=0))
+    teacher = ModelSpec.from_meta(task.meta["model"]).replace(num_classes=0).build()
     t = teacher.apply(state["teacher"], batch["image"], train=False)["pooled"]
     diff = np.asarray(out["pooled"], np.float64) - np.asarray(t, np.float64)
     if config.distill.kind == "l2_relative":

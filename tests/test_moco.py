@@ -9,7 +9,8 @@ import pytest
 
 from configs import moco as moco_config
 from dvp_jax import checkpoints, config_base, loop, objectives, optim, sharding
-from dvp_jax.trainers import common, moco
+from dvp_jax.trainers import moco
+from dvp_jax.models.spec import ModelSpec
 
 
 def tiny_config(**moco_overrides):
@@ -20,9 +21,8 @@ def tiny_config(**moco_overrides):
 
 
 def make_parts(config, groups, total_steps=10):
-    kwargs = common.model_kwargs(config.model, projection_dims=list(config.moco.projection_dims),
-                                 bn_groups=groups)
-    model = common.build_model(kwargs)
+    model = ModelSpec.from_config(config.model, projection_dims=config.moco.projection_dims,
+                                  bn_groups=groups).build()
     schedule = optim.make_schedule(config.optim, global_batch=config.batch_size,
                                    steps_per_epoch=4, num_epochs=2)
     tx = optim.make_optimizer(config.optim, schedule)

@@ -14,6 +14,7 @@ import pytest
 
 from dvp_jax import models
 from dvp_jax.models.layers import BatchNorm
+from dvp_jax.models.spec import ModelSpec
 
 # torchvision's parameter counts with a 1,000-class classifier (BN running stats excluded).
 TORCHVISION_COUNTS = {
@@ -69,6 +70,29 @@ def test_registry_names_and_unknown_name():
     assert set(models.NAMES) == set(TORCHVISION_COUNTS)
     with pytest.raises(ValueError, match="resnet50.*efficientnet_b0"):
         models.build("resnet51")
+
+
+def test_model_spec_round_trips_and_builds_the_same_model():
+    import json
+    import ml_collections
+    model_config = ml_collections.ConfigDict(dict(
+        name="resnet18", small_stem=True, width_multiplier=0.125, dtype="float32",
+        zero_init_residual=False, variant="torchvision", bn_groups=99))  # Options override it.
+    spec = ModelSpec.from_config(model_config, projection_dims=[16, 8], bn_groups=2)
+    assert spec.projection_dims == (16, 8) and spec.bn_groups == 2 and spec.num_classes == 0
+    meta = json.loads(json.dumps(spec.to_meta()))  # As a checkpoint stores it.
+    assert ModelSpec.from_meta(meta) == spec and hash(ModelSpec.from_meta(meta)) == hash(spec)
+    assert ModelSpec.from_meta({"name": "resnet18"}) == ModelSpec("resnet18")  # Old, short meta.
+    built = spec.build()
+    direct = models.build("resnet18", projection_dims=(16, 8), bn_groups=2, small_stem=True,
+                          width_multiplier=0.125)
+    x = jnp.zeros((2, 16, 16, 3))
+    shapes = jax.eval_shape(lambda: built.init(jax.random.PRNGKey(0), x, train=False))
+    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(
+        lambda a: a.shape, jax.eval_shape(lambda: direct.init(jax.random.PRNGKey(0), x,
+                                                              train=False)))
+    with pytest.raises(ValueError, match="unknown keys \\['width'\\]"):
+        ModelSpec.from_meta({"name": "resnet18", "width": 2})
 
 
 def test_tree_layout_with_and_without_heads():

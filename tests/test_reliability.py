@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import moco as moco_configs
-from dvp_jax import checkpoints, loop, sharding, train
+from dvp_jax import checkpoints, loop, sharding, train, workdir_config
 from dvp_jax.trainers import moco
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,16 +147,16 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_a_workdir_of_another_config_is_refused(tmp_path):
     workdir = str(tmp_path / "w")
-    loop.check_or_save_config(config(), workdir)
+    workdir_config.check_or_save_config(config(), workdir)
     other = config()
     other.moco.margin = 0.0
     other.batch_size = 32
-    with pytest.raises(loop.ConfigMismatchError) as e:
-        loop.check_or_save_config(other, workdir)
+    with pytest.raises(workdir_config.ConfigMismatchError) as e:
+        workdir_config.check_or_save_config(other, workdir)
     assert "moco.margin: saved 0.4, now 0.0" in str(e.value)
     assert "batch_size: saved 16, now 32" in str(e.value)
     other.loop.allow_config_change = True
-    loop.check_or_save_config(other, workdir)  # The explicit override resumes anyway.
+    workdir_config.check_or_save_config(other, workdir)  # The explicit override resumes anyway.
 
 
 @pytest.mark.parametrize("override, message", [

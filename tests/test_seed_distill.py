@@ -14,7 +14,8 @@ import pytest
 
 from configs import seed_distill as seed_distill_config
 from dvp_jax import checkpoints, loop, objectives, pretrained, sharding
-from dvp_jax.trainers import common, seed_distill
+from dvp_jax.trainers import seed_distill
+from dvp_jax.models.spec import ModelSpec
 
 TEACHER_KWARGS = dict(name="resnet18", small_stem=True, width_multiplier=0.25, dtype="float32",
                       zero_init_residual=False, projection_dims=[32, 16], bn_groups=1)
@@ -25,7 +26,7 @@ def write_teacher(directory, step=1, seed_=0, projection=True):
     (so that inference-mode BN matters), from numpy: no model.init to run."""
     kwargs = dict(TEACHER_KWARGS, projection_dims=TEACHER_KWARGS["projection_dims"] if projection
                   else [])
-    model = common.build_model(kwargs)
+    model = ModelSpec(**kwargs).build()
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)),
                                                train=False))
     rng = np.random.default_rng(seed_)
@@ -86,8 +87,8 @@ def random_batches(config, n, seed_=0):
 def test_queue_ring_frozen_teacher_and_loss(setup):
     config, mesh, task = setup
     teacher = seed_distill.load_teacher(config.seed_distill)
-    teacher_model = common.build_model(seed_distill.teacher_model_kwargs(teacher, "float32"))
-    student = common.build_model(task.meta["model"])  # bn_groups = 1 as in training here.
+    teacher_model = seed_distill.teacher_spec(teacher, "float32").build()
+    student = ModelSpec.from_meta(task.meta["model"]).build()  # bn_groups = 1 as in training here.
     init, step = loop_jits(task, mesh)
     state = init(jax.random.PRNGKey(config.seed))
     frozen = jax.device_get(teacher.variables)
@@ -154,8 +155,8 @@ def test_refusals(tmp_path):
 
 def test_hidden_dim_defaults_to_backbone_dim():
     config = tiny_config("unused", hidden_dim=0)
-    kwargs = seed_distill.student_model_kwargs(config, 16, groups=1)
-    assert kwargs["projection_dims"] == [64, 16]  # ResNet-18 at width 0.125: 512 / 8.
+    spec = seed_distill.student_spec(config, 16, groups=1)
+    assert spec.projection_dims == (64, 16)  # ResNet-18 at width 0.125: 512 / 8.
 
 
 def test_run_via_loop_then_resume_refuses_another_teacher(setup, tmp_path):
@@ -172,7 +173,7 @@ def test_run_via_loop_then_resume_refuses_another_teacher(setup, tmp_path):
     # What the classification trainers do with config.classify.init_checkpoint:
     student = pretrained.load(ckpt, keep_projection=False)
     assert set(student.variables["params"]) == {"backbone"}
-    assert student.model_kwargs["width_multiplier"] == 0.125
+    assert student.spec.width_multiplier == 0.125
     jax.tree.map(np.testing.assert_array_equal, student.variables["params"]["backbone"],
                  jax.device_get(state["params"]["backbone"]))
 

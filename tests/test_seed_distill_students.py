@@ -13,6 +13,7 @@ import pytest
 from dvp_jax import models
 from dvp_jax.models import efficientnet, mobilenet_v3
 from dvp_jax.models.layers import ConvBNAct, SqueezeExcitation, hard_sigmoid, tf_same_padding
+from dvp_jax.models.spec import ModelSpec
 
 from test_models import _init_shapes, random_variables  # noqa: E402
 
@@ -123,7 +124,7 @@ def test_readout_refuses_a_student_of_the_other_variant():
     from dvp_jax.trainers import classify
     config = classify_configs.get_config("linear_runlocal")
     config.model.name = "mobilenet_v3_large"
-    source = types.SimpleNamespace(model_kwargs={"name": "mobilenet_v3_large", "variant": "seed_distill"},
+    source = types.SimpleNamespace(spec=ModelSpec("mobilenet_v3_large", variant="seed_distill"),
                                    directory="runs/seed_mbv3/checkpoints")
     with pytest.raises(ValueError, match="--config.model.variant=seed_distill"):
         classify.check_backbone(None, config, source, "config.classify.init_checkpoint")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import table1 as table1_configs
-from dvp_jax import jsonfmt, table1
+from dvp_jax import jsonfmt, table1, workdir_config
 
 STAGES = ("supervised", "random", "moco", "linear", "finetune", "distill")
 
@@ -89,7 +89,6 @@ def test_top_level_loop_overrides_reach_every_stage():
 
 
 def test_a_finished_stage_with_a_changed_config_is_not_skipped(tmp_path):
-    from dvp_jax import loop
     config = table1_configs.get_config("runlocal")
     c = table1.stage_config(config, "linear", 0, str(tmp_path))
     stage_dir = str(tmp_path / "seed_0" / "linear")
@@ -97,7 +96,7 @@ def test_a_finished_stage_with_a_changed_config_is_not_skipped(tmp_path):
     record = {"stage": "linear", "accuracy": {"val": 50.0}}
     json.dump(record, open(os.path.join(stage_dir, "done.json"), "w"))
     assert table1.finished_record(stage_dir, c) is None  # No saved config: cannot tell.
-    json.dump(loop.config_to_dict(c), open(os.path.join(stage_dir, "config.json"), "w"))
+    json.dump(workdir_config.config_to_dict(c), open(os.path.join(stage_dir, "config.json"), "w"))
     assert table1.finished_record(stage_dir, c) == record
     c.loop.log_every_steps = 3  # A change the loop resumes with: still finished.
     assert table1.finished_record(stage_dir, c) == record

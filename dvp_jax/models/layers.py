@@ -41,20 +41,6 @@ def torch_linear_bias_init(fan_in: int) -> Initializer:
     return init
 
 
-def uniform_symmetric(bound: float) -> Initializer:
-    """U(-bound, bound)."""
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-def canonical_dtype(dtype: str | Dtype) -> Dtype:
-    """'float32' / 'bfloat16' / jnp dtype -> jnp dtype."""
-    return jnp.dtype(dtype)
-
-
 class BatchNorm(nn.Module):
     """BatchNorm over the last (channel) axis with PyTorch semantics and optional split BN.
 
@@ -249,8 +235,3 @@ def hard_swish(x: jax.Array) -> jax.Array:
 def hard_sigmoid(x: jax.Array) -> jax.Array:
     """torch.nn.Hardsigmoid: relu6(x + 3) / 6."""
     return jax.nn.relu6(x + 3.0) / 6.0
-
-
-def stage_names() -> Sequence[str]:
-    """The four named feature maps every backbone returns."""
-    return ("stage1", "stage2", "stage3", "stage4")

@@ -30,16 +30,15 @@ epoch (reference protocol)" the reference code reports).
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from dvp_jax import features, fileio, loop, metrics, models, objectives, optim, sharding
-from dvp_jax import pretrained
+from dvp_jax import features, loop, metrics, models, objectives, optim, pretrained, sharding
+from dvp_jax.evaluators import eval_files
+from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import common
 
 TRAINERS = ("supervised", "linear", "finetune")
@@ -218,66 +217,6 @@ def warm_start_variables(model, config, init: pretrained.Pretrained, rng: jax.Ar
 # ----------------------------------------------------------------------------- evaluation
 
 
-def split_tag(split: str) -> str:
-    """A file- and metric-name-safe form of a split name ('val[:10%]' -> 'val__10__')."""
-    return re.sub(r"[^A-Za-z0-9_+.-]", "_", split)
-
-
-def write_eval_json(workdir: str, result: dict) -> str:
-    """Writes ``result`` to WORKDIR/eval_<split>.json (process 0 only); returns the path."""
-    path = os.path.join(workdir, f"eval_{split_tag(result['split'])}.json")
-    if jax.process_index() == 0:
-        fileio.write_json(path, result)
-    return path
-
-
-BEST_LABEL = "best val epoch (reference protocol)"
-
-
-def best_json_path(workdir: str, split: str) -> str:
-    """WORKDIR/best_<split>.json: the evaluation with the highest top-1 so far."""
-    return os.path.join(workdir, f"best_{split_tag(split)}.json")
-
-
-def read_best(workdir: str, split: str) -> dict | None:
-    """The best-epoch record of ``split`` in ``workdir`` (None if there is none)."""
-    path = best_json_path(workdir, split)
-    if not os.path.exists(path):
-        return None
-    return fileio.read_json(path)
-
-
-def better_or_equal(result: dict, best: dict | None) -> bool:
-    """The reference's rule (``is_best = err1 <= best_err1``): a tie moves the best to the
-    later evaluation, and top-5 is the best epoch's top-5, not the maximum."""
-    return best is None or result["top1"] >= best["top1"]
-
-
-class BestEpoch:
-    """Keeps the best evaluation of one split: ``tracker(result) -> best so far``.
-
-    result: {'top1', 'top5', 'step', ...}. The first call resumes WORKDIR/best_<split>.json
-    (a record from a later step than ``result`` is stale and dropped); every new best is
-    written there (process 0). ``workdir`` None: memory only.
-    """
-
-    def __init__(self, workdir: str | None, split: str):
-        self.workdir, self.split = workdir, split
-        self.best: dict | None = None
-        self.started = False
-
-    def __call__(self, result: dict) -> dict:
-        if not self.started:
-            self.started = True
-            saved = read_best(self.workdir, self.split) if self.workdir else None
-            self.best = saved if saved and saved["step"] <= result["step"] else None
-        if better_or_equal(result, self.best):
-            self.best = result
-            if self.workdir is not None and jax.process_index() == 0:
-                fileio.write_json(best_json_path(self.workdir, self.split), result)
-        return self.best
-
-
 def accuracy_evaluator(config, model, mesh, *, split: str | None = None,
                        workdir: str | None = None, trainer: str = "",
                        transform: str = EVAL_TRANSFORM,
@@ -293,8 +232,8 @@ def accuracy_evaluator(config, model, mesh, *, split: str | None = None,
     """
     split = split or config.input.eval_split
     predict = features.model_output(model, "logits")
-    tag = split_tag(split)
-    track_best = BestEpoch(workdir, split)
+    tag = eval_files.split_tag(split)
+    track_best = eval_files.BestEpoch(workdir, split)
 
     def evaluate(state) -> dict:
         logits, labels = features.extract(predict, common.encoder_variables(state),
@@ -302,10 +241,10 @@ def accuracy_evaluator(config, model, mesh, *, split: str | None = None,
         acc = metrics.accuracy_from_scores(logits, labels, ks=(1, 5))
         step = int(jax.device_get(state["step"]))
         best = track_best({"top1": float(acc["top1"]), "top5": float(acc["top5"]), "split": split,
-                           "step": step, "label": BEST_LABEL,
+                           "step": step, "label": eval_files.BEST_LABEL,
                            "epoch": step / steps_per_epoch if steps_per_epoch else None})
         if workdir is not None:
-            write_eval_json(workdir, {
+            eval_files.write_eval_json(workdir, {
                 "top1": acc["top1"], "top5": acc["top5"], "split": split,
                 "step": int(jax.device_get(state["step"])), "trainer": trainer,
                 "num_examples": int(labels.shape[0]), "transform": transform,
@@ -319,21 +258,10 @@ def accuracy_evaluator(config, model, mesh, *, split: str | None = None,
 # ----------------------------------------------------------------------------- task
 
 
-def train_batches_fn(config) -> Callable[[int], Any]:
-    """start_step -> the training iterator ('train_crop_flip': RandomResizedCrop + flip,
-    plus input.auto_augment / input.cutout)."""
-    def train_batches(start_step: int):
-        from dvp_jax.input import pipeline
-        return pipeline.make_train_iterator(
-            config.input, config.input.train_split, TRAIN_TRANSFORM,
-            global_batch=config.batch_size, seed=config.seed, start_step=start_step,
-            image_size=config.input.image_size)
-    return train_batches
-
-
 def device_step(train_step, config, mesh):
-    """``train_step`` fed by ``train_batches_fn``: with input.augment_on='device' it first makes
-    the crops on the devices (dvp_jax/input/device_augment.py)."""
+    """``train_step`` fed by ``common.train_batches_fn(config, TRAIN_TRANSFORM)``: with
+    input.augment_on='device' it first makes the crops on the devices
+    (dvp_jax/input/device_augment.py)."""
     from dvp_jax.input import device_augment
     return device_augment.wrap_step(train_step, config, mesh, TRAIN_TRANSFORM)
 
@@ -354,7 +282,7 @@ def check_backbone(model, config, source: pretrained.Pretrained, what: str) -> N
     """Refuses (before any jit) a checkpoint whose backbone does not fit the configured model;
     the message names both models and the first differing parameter's two shapes. SEED's and
     torchvision's MobileNetV3 / EfficientNet have the same shapes: their variants must match."""
-    saved = source.model_kwargs.get("variant", "torchvision")
+    saved = source.spec.variant
     wanted = config.model.get("variant", "torchvision")
     if saved != wanted and not str(config.model.name).startswith(("resnet", "resnext", "wide_")):
         raise ValueError(f"{what}: checkpoint {source.directory!r} holds a {saved!r} "
@@ -366,27 +294,10 @@ def check_backbone(model, config, source: pretrained.Pretrained, what: str) -> N
         pretrained.check_same_shapes(shapes["params"]["backbone"],
                                      source.variables["params"]["backbone"], what)
     except ValueError as e:
-        mine = {k: source.model_kwargs.get(k) for k in ("name", "width_multiplier", "small_stem")}
+        mine = {k: getattr(source.spec, k) for k in ("name", "width_multiplier", "small_stem")}
         want = {k: config.model[k] for k in ("name", "width_multiplier", "small_stem")}
         raise type(e)(f"{e}\n  checkpoint {source.directory!r} (step {source.step}) holds model "
                       f"{mine}; the config asks for {want}.") from e
-
-
-def make_optimizer(config, sizes: common.DataSizes, optim_config=None):
-    """(schedule, tx) from ``optim_config`` (default config.optim) over config.num_epochs."""
-    oc = config.optim if optim_config is None else optim_config
-    schedule = optim.make_schedule(oc, global_batch=config.batch_size,
-                                   steps_per_epoch=sizes.steps_per_epoch,
-                                   num_epochs=config.num_epochs)
-    return schedule, optim.make_optimizer(oc, schedule)
-
-
-def with_lr(train_step, schedule):
-    """Adds the step's learning rate to the metrics."""
-    def step_fn(state, batch):
-        new_state, out = train_step(state, batch)
-        return new_state, dict(out, lr=schedule(state["step"]))
-    return step_fn
 
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
@@ -395,9 +306,9 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     if trainer not in TRAINERS:
         raise ValueError(f"config.trainer={trainer!r}; classify.py runs {', '.join(TRAINERS)}.")
     sizes = common.data_sizes(config, mesh)
-    kwargs = common.model_kwargs(config.model, num_classes=sizes.num_classes)
-    model = common.build_model(kwargs)
-    schedule, tx = make_optimizer(config, sizes)
+    spec = ModelSpec.from_config(config.model, num_classes=sizes.num_classes)
+    model = spec.build()
+    schedule, tx = common.make_optimizer(config, sizes)
     frozen = trainer == "linear"
     init = None
     if trainer in ("linear", "finetune"):
@@ -410,15 +321,15 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     train_step = make_train_step(model, tx, label_smoothing=config.classify.label_smoothing,
                                  frozen_backbone=frozen,
                                  mixup_alpha=config.classify.get("mixup_alpha", 0.0))
-    meta = {"trainer": trainer, "model": kwargs}
+    meta = {"trainer": trainer, "model": spec.to_meta()}
     if init is not None:
         meta["init"] = init.describe()
     return loop.Task(
         name=trainer,
         init_state=make_init_state(model, tx, config, init=init, frozen_backbone=frozen,
                                    linear_init_std=config.classify.linear_init_std),
-        train_step=device_step(with_lr(train_step, schedule), config, mesh),
-        train_batches=train_batches_fn(config),
+        train_step=device_step(common.with_lr(train_step, schedule), config, mesh),
+        train_batches=common.train_batches_fn(config, TRAIN_TRANSFORM),
         total_steps=sizes.total_steps, steps_per_epoch=sizes.steps_per_epoch,
         images_per_step=config.batch_size, meta=meta,
         evaluators=[accuracy_evaluator(config, model, mesh, workdir=workdir, trainer=trainer,

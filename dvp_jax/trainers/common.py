@@ -7,33 +7,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from dvp_jax import features, loop, metrics, models, sharding
-
-
-def model_kwargs(model_config, **extra) -> dict:
-    """JSON-able ``models.build`` kwargs from ``config.model`` plus trainer extras."""
-    kwargs = dict(name=model_config.name, small_stem=bool(model_config.small_stem),
-                  width_multiplier=float(model_config.width_multiplier),
-                  dtype=str(model_config.dtype),
-                  zero_init_residual=bool(model_config.zero_init_residual))
-    variant = str(model_config.get("variant", "torchvision"))
-    if variant != "torchvision":  # Absent = 'torchvision' (checkpoints written before it existed).
-        kwargs["variant"] = variant
-    kwargs.update(extra)
-    return kwargs
-
-
-def build_model(kwargs: dict):
-    """``models.build(**kwargs)`` (kwargs as recorded in checkpoint meta)."""
-    kwargs = dict(kwargs)
-    if "projection_dims" in kwargs:
-        kwargs["projection_dims"] = tuple(kwargs["projection_dims"])
-    return models.build(kwargs.pop("name"), **kwargs)
+from dvp_jax import config_checks, features, loop, metrics, optim, sharding
+from dvp_jax.models.spec import ModelSpec
 
 
 def feature_width(config) -> int:
     """C: the width of the backbone's 'pooled' feature for ``config.model`` (shape-only trace)."""
-    backbone = build_model(model_kwargs(config.model))
+    backbone = ModelSpec.from_config(config.model).build()
     shapes = jax.eval_shape(lambda: backbone.init_with_output(
         jax.random.PRNGKey(0), dummy_images(config), train=False)[0])
     return int(shapes["pooled"].shape[-1])
@@ -111,3 +91,57 @@ def dummy_images(config, batch: int = 1) -> jax.Array:
     """Zeros [batch, S, S, 3] to initialise a model at the configured resolution."""
     s = config.input.image_size
     return jnp.zeros((batch, s, s, 3), jnp.float32)
+
+
+def make_optimizer(config, sizes: DataSizes, optim_config=None):
+    """(schedule, tx) from ``optim_config`` (default config.optim) over config.num_epochs."""
+    oc = config.optim if optim_config is None else optim_config
+    schedule = optim.make_schedule(oc, global_batch=config.batch_size,
+                                   steps_per_epoch=sizes.steps_per_epoch,
+                                   num_epochs=config.num_epochs)
+    return schedule, optim.make_optimizer(oc, schedule)
+
+
+def with_lr(train_step, schedule):
+    """Adds the step's learning rate to the metrics."""
+    def step_fn(state, batch):
+        new_state, out = train_step(state, batch)
+        return new_state, dict(out, lr=schedule(state["step"]))
+    return step_fn
+
+
+def train_batches_fn(config, transform: str, keys: tuple[str, ...] | None = None):
+    """start_step -> the training iterator of ``config.input`` with ``transform``; ``keys``
+    keeps only those entries of each batch (None: all)."""
+    def train_batches(start_step: int):
+        from dvp_jax.input import pipeline
+        batches = pipeline.make_train_iterator(
+            config.input, config.input.train_split, transform, global_batch=config.batch_size,
+            seed=config.seed, start_step=start_step, image_size=config.input.image_size)
+        if keys is None:
+            return batches
+        return ({k: b[k] for k in keys} for b in batches)
+    return train_batches
+
+
+def check_queue(key: str, queue_size: int, global_batch: int) -> None:
+    """The ring buffer advances by whole global batches: K (config ``key``) must be a multiple."""
+    config_checks.check_multiple(key, queue_size, "batch_size", global_batch,
+                                 "the queue is written a whole global batch at a time")
+
+
+def check_bn_groups(config, groups: int, key: str) -> None:
+    """Every BN group must get the same number of images of the global batch."""
+    if config.batch_size % groups:
+        raise config_checks.ConfigError(
+            f"config.batch_size={config.batch_size} is not divisible by the {groups} BN groups "
+            f"(config.{key}).")
+
+
+def enqueue(queue: jax.Array, ptr: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Ring-buffer write: (queue [K, ...] with ``rows`` [B, ...] at ptr, (ptr + B) % K).
+
+    K is a multiple of B (``check_queue``), so a write never wraps."""
+    start = (ptr,) + (0,) * (queue.ndim - 1)
+    return (jax.lax.dynamic_update_slice(queue, rows.astype(queue.dtype), start),
+            (ptr + rows.shape[0]) % queue.shape[0])

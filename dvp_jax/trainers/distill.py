@@ -46,9 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dvp_jax import loop, models, objectives, sharding
+from dvp_jax import loop, models, objectives, pretrained, sharding
 from dvp_jax.models.layers import BatchNorm, conv
-from dvp_jax import pretrained
+from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import classify, common
 
 KINDS = ("l2", "l2_relative", "ofd")
@@ -90,7 +90,7 @@ def load_teacher(config) -> pretrained.Pretrained:
 
 def ofd_margins(teacher: pretrained.Pretrained) -> dict:
     """{'stage{s}': float32 [C_s]}: objectives.ofd_margin of the teacher's last BN of each stage."""
-    bns = models.last_bn_of_stages(teacher.variables, teacher.model_kwargs["name"])
+    bns = models.last_bn_of_stages(teacher.variables, teacher.spec.name)
     return {name: np.asarray(objectives.ofd_margin(jnp.asarray(bn["scale"]), jnp.asarray(bn["bias"])))
             for name, bn in zip(STAGES, bns)}
 
@@ -198,12 +198,12 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         raise ValueError(f"config.distill.student_init={dc.student_init!r}; allowed: "
                          f"{', '.join(STUDENT_INIT)}.")
     sizes = common.data_sizes(config, mesh)
-    kwargs = common.model_kwargs(config.model, num_classes=sizes.num_classes)
-    model = common.build_model(kwargs)
+    spec = ModelSpec.from_config(config.model, num_classes=sizes.num_classes)
+    model = spec.build()
     teacher = load_teacher(config)
     check_teacher(model, config, teacher)
-    teacher_model = common.build_model(dict(teacher.model_kwargs, dtype=str(config.model.dtype)))
-    schedule, tx = classify.make_optimizer(config, sizes, optim_config=phase2_optim_config(config))
+    teacher_model = teacher.spec.replace(dtype=str(config.model.dtype)).build()
+    schedule, tx = common.make_optimizer(config, sizes, optim_config=phase2_optim_config(config))
 
     connectors, stage_shapes = None, None
     if dc.kind == "ofd":
@@ -225,11 +225,11 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
         what="config.distill.teacher_checkpoint")
     return loop.Task(
         name="distill", init_state=init_state,
-        train_step=classify.device_step(classify.with_lr(train_step, schedule), config, mesh),
-        train_batches=classify.train_batches_fn(config),
+        train_step=classify.device_step(common.with_lr(train_step, schedule), config, mesh),
+        train_batches=common.train_batches_fn(config, classify.TRAIN_TRANSFORM),
         total_steps=sizes.total_steps, steps_per_epoch=sizes.steps_per_epoch,
         images_per_step=config.batch_size,
-        meta={"trainer": "distill", "model": kwargs, "teacher": teacher.describe(),
+        meta={"trainer": "distill", "model": spec.to_meta(), "teacher": teacher.describe(),
               "distill": {"kind": dc.kind, "weight": float(dc.weight),
                           "teacher_bn": dc.teacher_bn, "student_init": dc.student_init}},
         evaluators=[classify.accuracy_evaluator(config, model, mesh, workdir=workdir,

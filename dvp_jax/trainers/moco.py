@@ -27,6 +27,7 @@ import optax
 from absl import logging
 
 from dvp_jax import config_checks, loop, objectives, optim, sharding
+from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import common
 
 SHUFFLE_BN_MODES = ("split", "sync", "none")
@@ -83,8 +84,7 @@ def margin_at(moco_config, step, steps_per_epoch: int):
 
 def check_queue(queue_size: int, global_batch: int) -> None:
     """The ring buffer advances by whole global batches: K must be a multiple of it."""
-    config_checks.check_multiple("moco.queue_size", queue_size, "batch_size", global_batch,
-                                 "the queue is written a whole global batch at a time")
+    common.check_queue("moco.queue_size", queue_size, global_batch)
 
 
 def make_train_step(model, tx: optax.GradientTransformation, moco_config, *, total_steps: int,
@@ -148,14 +148,12 @@ def make_train_step(model, tx: optax.GradientTransformation, moco_config, *, tot
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
 
-        queue_size, batch_size = state["queue"].shape[0], keys.shape[0]
-        queue = jax.lax.dynamic_update_slice(state["queue"], keys, (state["queue_ptr"], 0))
-        queue_index = jax.lax.dynamic_update_slice(state["queue_index"], index.astype(jnp.int32),
-                                                   (state["queue_ptr"],))
+        queue, queue_ptr = common.enqueue(state["queue"], state["queue_ptr"], keys)
+        queue_index, _ = common.enqueue(state["queue_index"], state["queue_ptr"], index)
         new_state = dict(state, step=step + 1, params=params, batch_stats=batch_stats,
                          key_params=key_params, key_batch_stats=key_vars["batch_stats"],
                          opt_state=opt_state, queue=queue, queue_index=queue_index,
-                         queue_ptr=(state["queue_ptr"] + batch_size) % queue_size)
+                         queue_ptr=queue_ptr)
         positive = logits[:, 0] * temperature + margin  # q.k+ without the margin.
         q_dot_queue = logits[:, 1:] * temperature
         counted = jnp.ones_like(q_dot_queue, bool) if own is None else ~own
@@ -202,48 +200,36 @@ def make_init_state(model, tx, config, groups: int):
 
 def build_task(config, mesh) -> loop.Task:
     """The loop.Task of a Phase-1 run described by ``config`` (see configs/moco.py)."""
-    from dvp_jax.input import device_augment, pipeline
+    from dvp_jax.input import device_augment
     if config.moco.shuffle_bn not in SHUFFLE_BN_MODES:
         raise config_checks.ConfigError(f"config.moco.shuffle_bn={config.moco.shuffle_bn!r}; allowed: "
                          f"{', '.join(SHUFFLE_BN_MODES)}.")
     sizes = common.data_sizes(config, mesh)
     check_queue(config.moco.queue_size, config.batch_size)
     groups = bn_groups(config, mesh)
-    if config.batch_size % groups:
-        raise config_checks.ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
-                         f"{groups} BN groups (config.moco.bn_groups).")
-    kwargs = common.model_kwargs(config.model, projection_dims=list(projection_dims(config)),
+    common.check_bn_groups(config, groups, "moco.bn_groups")
+    spec = ModelSpec.from_config(config.model, projection_dims=projection_dims(config),
                                  bn_groups=groups)
-    model = common.build_model(kwargs)
-    schedule = optim.make_schedule(config.optim, global_batch=config.batch_size,
-                                   steps_per_epoch=sizes.steps_per_epoch,
-                                   num_epochs=config.num_epochs)
-    tx = optim.make_optimizer(config.optim, schedule)
+    model = spec.build()
+    schedule, tx = common.make_optimizer(config, sizes)
     train_step = make_train_step(model, tx, config.moco, total_steps=sizes.total_steps,
                                  shuffle=config.moco.shuffle_bn == "split",
                                  steps_per_epoch=sizes.steps_per_epoch)
 
-    def train_step_with_lr(state, batch):
-        new_state, metrics = train_step(state, batch)
-        return new_state, dict(metrics, lr=schedule(state["step"]))
-
-    def train_batches(start_step: int):
-        return pipeline.make_train_iterator(
-            config.input, config.input.train_split, "moco_v2", global_batch=config.batch_size,
-            seed=config.seed, start_step=start_step, image_size=config.input.image_size)
-
-    eval_model = common.build_model(dict(kwargs, bn_groups=1))
+    eval_spec = spec.replace(bn_groups=1)  # Evaluation and checkpoints: plain BN.
+    eval_model = eval_spec.build()
     evaluators = []
     if config.knn.enabled:
         evaluators.append(common.knn_evaluator(config, eval_model, common.encoder_variables, mesh,
                                                feature=config.knn.feature))
     return loop.Task(
         name="moco", init_state=make_init_state(model, tx, config, groups),
-        train_step=device_augment.wrap_step(train_step_with_lr, config, mesh, "moco_v2"),
-        train_batches=train_batches,
+        train_step=device_augment.wrap_step(common.with_lr(train_step, schedule), config, mesh,
+                                            "moco_v2"),
+        train_batches=common.train_batches_fn(config, "moco_v2"),
         total_steps=sizes.total_steps, steps_per_epoch=sizes.steps_per_epoch,
         images_per_step=config.batch_size,
-        meta={"trainer": "moco", "model": dict(kwargs, bn_groups=1)},
+        meta={"trainer": "moco", "model": eval_spec.to_meta()},
         evaluators=evaluators, eval_every_steps=common.eval_every_steps(config, sizes.steps_per_epoch))
 
 

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dvp_jax import checkpoints, config_checks, loop, objectives, optim, sharding
-from dvp_jax import pretrained
+from dvp_jax import checkpoints, config_checks, loop, objectives, optim, pretrained, sharding
+from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import common
 
 AUGMENTATIONS = {"moco_v2": "view1", "train_crop_flip": "image"}  # transform -> batch key fed.
@@ -40,8 +40,7 @@ AUGMENTATIONS = {"moco_v2": "view1", "train_crop_flip": "image"}  # transform ->
 
 def check_queue(queue_size: int, global_batch: int) -> None:
     """The ring buffer advances by whole global batches: K must be a multiple of it."""
-    config_checks.check_multiple("seed_distill.queue_size", queue_size, "batch_size", global_batch,
-                                 "the queue is written a whole global batch at a time")
+    common.check_queue("seed_distill.queue_size", queue_size, global_batch)
 
 
 def load_teacher(seed_config) -> pretrained.Pretrained:
@@ -53,26 +52,25 @@ def load_teacher(seed_config) -> pretrained.Pretrained:
             "checkpoints) or of a converted SSL encoder.")
     step = None if seed_config.teacher_step < 0 else int(seed_config.teacher_step)
     teacher = pretrained.load(seed_config.teacher_checkpoint, keep_projection=True, step=step)
-    if "projection" not in teacher.variables["params"] or not teacher.model_kwargs.get(
-            "projection_dims"):
+    if "projection" not in teacher.variables["params"] or not teacher.spec.projection_dims:
         raise checkpoints.CheckpointError(
             f"The teacher checkpoint {seed_config.teacher_checkpoint!r} has no projection head; "
             "SEED distils the teacher's normalised projection (e.g. MoCo's 128-d output).")
     return teacher
 
 
-def teacher_model_kwargs(teacher: pretrained.Pretrained, dtype: str) -> dict:
-    """The teacher's build kwargs (one BN group, no classifier) computing in ``dtype``."""
-    return dict(teacher.model_kwargs, bn_groups=1, num_classes=0, dtype=str(dtype))
+def teacher_spec(teacher: pretrained.Pretrained, dtype: str) -> ModelSpec:
+    """The teacher's model (one BN group, no classifier) computing in ``dtype``."""
+    return teacher.spec.replace(bn_groups=1, num_classes=0, dtype=str(dtype))
 
 
-def student_model_kwargs(config, embedding_dim: int, groups: int) -> dict:
-    """Student build kwargs: config.model + head (hidden, embedding_dim); hidden 0 = backbone C."""
+def student_spec(config, embedding_dim: int, groups: int) -> ModelSpec:
+    """The student: config.model + head (hidden, embedding_dim); hidden 0 = backbone C."""
     hidden = int(config.seed_distill.hidden_dim)
     if hidden <= 0:
         hidden = common.feature_width(config)
-    return common.model_kwargs(config.model, projection_dims=[hidden, int(embedding_dim)],
-                               bn_groups=groups)
+    return ModelSpec.from_config(config.model, projection_dims=(hidden, int(embedding_dim)),
+                                 bn_groups=groups)
 
 
 def make_train_step(student, teacher, tx: optax.GradientTransformation, seed_config,
@@ -104,11 +102,9 @@ def make_train_step(student, teacher, tx: optax.GradientTransformation, seed_con
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
 
-        queue_size, batch_size = queue.shape[0], t.shape[0]
-        new_queue = jax.lax.dynamic_update_slice(queue, t, (state["queue_ptr"], 0))
+        new_queue, queue_ptr = common.enqueue(queue, state["queue_ptr"], t)
         new_state = dict(state, step=state["step"] + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state, queue=new_queue,
-                         queue_ptr=(state["queue_ptr"] + batch_size) % queue_size)
+                         opt_state=opt_state, queue=new_queue, queue_ptr=queue_ptr)
         s = jax.lax.stop_gradient(s)
         positive = jnp.sum(s * t, axis=-1)  # s.t [B]
         best_negative = jnp.max(s @ queue.T, axis=-1)  # max_j s.queue_j [B]
@@ -164,7 +160,7 @@ def teacher_knn_evaluator(config, teacher_model, mesh):
 
 def build_task(config, mesh) -> loop.Task:
     """The loop.Task of a SEED run described by ``config`` (see configs/seed_distill.py)."""
-    from dvp_jax.input import device_augment, pipeline
+    from dvp_jax.input import device_augment
     sc = config.seed_distill
     if sc.augmentation not in AUGMENTATIONS:
         raise config_checks.ConfigError(f"config.seed_distill.augmentation={sc.augmentation!r}; allowed: "
@@ -172,47 +168,32 @@ def build_task(config, mesh) -> loop.Task:
     sizes = common.data_sizes(config, mesh)
     check_queue(sc.queue_size, config.batch_size)
     groups = int(sc.bn_groups) or sharding.num_data_shards(mesh)
-    if config.batch_size % groups:
-        raise config_checks.ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
-                         f"{groups} BN groups (config.seed_distill.bn_groups).")
+    common.check_bn_groups(config, groups, "seed_distill.bn_groups")
 
     teacher = load_teacher(sc)
-    t_kwargs = teacher_model_kwargs(teacher, config.model.dtype)
-    teacher_model = common.build_model(t_kwargs)
+    t_spec = teacher_spec(teacher, config.model.dtype)
+    teacher_model = t_spec.build()
     t_shapes = jax.eval_shape(lambda: teacher_model.init(
         jax.random.PRNGKey(0), common.dummy_images(config), train=False))
     pretrained.check_same_shapes(t_shapes["params"], teacher.variables["params"],
                                  "seed_distill.teacher_checkpoint")
-    embedding_dim = int(t_kwargs["projection_dims"][-1])
+    embedding_dim = t_spec.projection_dims[-1]
 
-    kwargs = student_model_kwargs(config, embedding_dim, groups)
-    student = common.build_model(kwargs)
-    schedule = optim.make_schedule(config.optim, global_batch=config.batch_size,
-                                   steps_per_epoch=sizes.steps_per_epoch,
-                                   num_epochs=config.num_epochs)
-    tx = optim.make_optimizer(config.optim, schedule)
+    spec = student_spec(config, embedding_dim, groups)
+    student = spec.build()
+    schedule, tx = common.make_optimizer(config, sizes)
     train_step = make_train_step(student, teacher_model, tx, sc,
                                  view_key=AUGMENTATIONS[sc.augmentation])
 
-    def train_step_with_lr(state, batch):
-        new_state, metrics = train_step(state, batch)
-        return new_state, dict(metrics, lr=schedule(state["step"]))
+    # Only the view both networks see (or, augmenting on the devices, what makes it).
+    keep = (device_augment.DEVICE_INPUT_KEYS
+            if device_augment.on_device(config.input, sc.augmentation)
+            else (AUGMENTATIONS[sc.augmentation],))
 
-    view_key = AUGMENTATIONS[sc.augmentation]
-
-    def train_batches(start_step: int):
-        batches = pipeline.make_train_iterator(
-            config.input, config.input.train_split, sc.augmentation,
-            global_batch=config.batch_size, seed=config.seed, start_step=start_step,
-            image_size=config.input.image_size)
-        keep = (device_augment.DEVICE_INPUT_KEYS
-                if device_augment.on_device(config.input, sc.augmentation) else (view_key,))
-        return ({k: b[k] for k in keep} for b in batches)  # Only the view both networks see.
-
-    eval_kwargs = dict(kwargs, bn_groups=1)
+    eval_spec = spec.replace(bn_groups=1)  # Evaluation and checkpoints: plain BN.
     evaluators = []
     if config.knn.enabled:
-        evaluators.append(common.knn_evaluator(config, common.build_model(eval_kwargs),
+        evaluators.append(common.knn_evaluator(config, eval_spec.build(),
                                                common.encoder_variables, mesh,
                                                feature=config.knn.feature))
         if config.knn.teacher:
@@ -221,11 +202,12 @@ def build_task(config, mesh) -> loop.Task:
         name="seed_distill",
         init_state=make_init_state(student, tx, config, teacher.variables, groups,
                                    embedding_dim),
-        train_step=device_augment.wrap_step(train_step_with_lr, config, mesh, sc.augmentation),
-        train_batches=train_batches,
+        train_step=device_augment.wrap_step(common.with_lr(train_step, schedule), config, mesh,
+                                            sc.augmentation),
+        train_batches=common.train_batches_fn(config, sc.augmentation, keys=keep),
         total_steps=sizes.total_steps, steps_per_epoch=sizes.steps_per_epoch,
         images_per_step=config.batch_size,
-        meta={"trainer": "seed_distill", "model": eval_kwargs, "teacher": teacher.describe()},
+        meta={"trainer": "seed_distill", "model": eval_spec.to_meta(), "teacher": teacher.describe()},
         evaluators=evaluators,
         eval_every_steps=common.eval_every_steps(config, sizes.steps_per_epoch),
         check_resume=pretrained.check_same_teacher(
