@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from dvp_jax import registry
+from dvp_jax import choices, registry
 from dvp_jax.errors import ConfigError
 
 SOURCE_KINDS = ("digits", "synthetic", "tfds:NAME", "folder:PATH")
-DTYPES = ("float32", "bfloat16")
-SCHEDULES = ("cosine", "step", "constant", "seed_epoch_cosine")
 
 
 def _get(config, dotted: str) -> Any:
@@ -34,6 +32,13 @@ def _source_ok(source: str) -> bool:
         any(source.startswith(p) for p in ("tfds:", "folder:")) and len(source.split(":", 1)[1]) > 0)
 
 
+def _one_of(values) -> tuple[Callable[[Any], bool], str]:
+    """(test, words) of a rule allowing exactly ``values``: "'a', 'b' or 'c'"."""
+    names = [repr(v) for v in values]
+    words = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    return (lambda v: v in tuple(values)), words
+
+
 def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
     from dvp_jax import models
     positive = (lambda v: v > 0, "a number > 0")
@@ -42,22 +47,22 @@ def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
         ("experiment", lambda v: v in registry.EXPERIMENTS,
          f"one of {', '.join(registry.EXPERIMENTS)}"),
         ("model.name", lambda v: v in models.NAMES, f"one of {', '.join(models.NAMES)}"),
-        ("model.dtype", lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
+        ("model.dtype", *_one_of(choices.DTYPES)),
         ("model.width_multiplier", *positive),
-        ("optim.schedule", lambda v: v in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+        ("optim.schedule", *_one_of(choices.SCHEDULES)),
         ("optim.base_lr", lambda v: v >= 0, "a number >= 0"),
         ("optim.weight_decay", lambda v: v >= 0, "a number >= 0"),
         ("input.source", _source_ok, f"one of {', '.join(SOURCE_KINDS)}"),
         ("input.image_size", *positive),
-        ("input.auto_augment", lambda v: v in ("", "imagenet", "cifar10", "cifar10_released"),
-         "'', 'imagenet', 'cifar10' or 'cifar10_released'"),
+        ("input.auto_augment", *_one_of(choices.AUTO_AUGMENT)),
+        ("input.augment_on", *_one_of(choices.AUGMENT_ON)),
         ("input.cutout", lambda v: v >= 0, "an integer >= 0 (pixels; 0 = off)"),
         ("batch_size", *positive),
         ("num_epochs", *positive),
         ("loop.checkpoint_every_steps", *positive),
         ("loop.log_every_steps", *positive),
         ("loop.keep_checkpoints", *positive),
-        ("moco.shuffle_bn", lambda v: v in ("split", "sync", "none"), "'split', 'sync' or 'none'"),
+        ("moco.shuffle_bn", *_one_of(choices.SHUFFLE_BN_MODES)),
         ("moco.temperature", *positive),
         ("moco.queue_size", *positive),
         ("moco.momentum", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -65,23 +70,22 @@ def _rules() -> list[tuple[str, Callable[[Any], bool], str]]:
         ("moco.bn_groups", lambda v: v >= 0, "an integer >= 0 (0 = auto)"),
         ("input.moco_crop_scale", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
          "(min, max) with 0 < min <= max <= 1"),
-        ("knn.feature", lambda v: v in ("pooled", "projection"), "'pooled' or 'projection'"),
+        ("knn.feature", *_one_of(choices.KNN_FEATURES)),
         ("knn.k", *positive),
         ("seed_distill.queue_size", *positive),
         ("seed_distill.student_temperature", *positive),
         ("seed_distill.teacher_temperature", *positive),
         ("seed_distill.hidden_dim", lambda v: v >= 0, "an integer >= 0 (0 = the backbone's dim)"),
         ("seed_distill.bn_groups", lambda v: v >= 0, "an integer >= 0 (0 = one per data shard)"),
-        ("seed_distill.augmentation", lambda v: v in ("moco_v2", "train_crop_flip"),
-         "'moco_v2' or 'train_crop_flip'"),
+        ("seed_distill.augmentation", *_one_of(choices.SEED_DISTILL_AUGMENTATIONS)),
         ("classify.label_smoothing", lambda v: 0 <= v < 1, "a number in [0, 1)"),
         ("classify.linear_init_std", *positive),
         ("classify.mixup_alpha", lambda v: v >= 0, "a number >= 0 (0 = no mixup; the release's --mixup: 1)"),
-        ("model.variant", lambda v: v in ("torchvision", "seed_distill"), "'torchvision' or 'seed_distill'"),
-        ("distill.kind", lambda v: v in ("l2", "l2_relative", "ofd"),
+        ("model.variant", *_one_of(choices.MODEL_VARIANTS)),
+        ("distill.kind", _one_of(choices.DISTILL_KINDS)[0],
          "'l2' (paper text), 'l2_relative' (scale-free) or 'ofd' (released code)"),
-        ("distill.teacher_bn", lambda v: v in ("eval", "train"), "'eval' or 'train'"),
-        ("distill.student_init", lambda v: v in ("teacher", "random"), "'teacher' or 'random'"),
+        ("distill.teacher_bn", *_one_of(choices.DISTILL_TEACHER_BN)),
+        ("distill.student_init", *_one_of(choices.DISTILL_STUDENT_INIT)),
         ("distill.weight", lambda v: v >= 0, "a number >= 0"),
         ("distill.start_epochs", lambda v: v >= 0, "a number of epochs >= 0"),
     ]

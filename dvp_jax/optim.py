@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dvp_jax import choices
+
 
 def peak_learning_rate(optim_config, global_batch: int) -> float:
     """base_lr is per 256 images: lr = base_lr * global_batch / 256."""
@@ -60,8 +62,7 @@ def make_schedule(optim_config, *, global_batch: int, steps_per_epoch: int,
     elif kind == "constant":
         main = optax.constant_schedule(peak)
     else:
-        raise ValueError(f"config.optim.schedule={kind!r}; allowed: 'cosine', 'step', 'constant', "
-                         "'seed_epoch_cosine'.")
+        raise ValueError(f"config.optim.schedule={kind!r}; allowed: {', '.join(choices.SCHEDULES)}.")
     if warmup <= 0:
         return main
     # Linear warm-up from 0 to peak over `warmup` steps (MoCo/SEED style), then `main`.

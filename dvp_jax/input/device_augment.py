@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dvp_jax import config_checks
+from dvp_jax import choices, config_checks
 
-MODES = ("host", "device")
+MODES = choices.AUGMENT_ON
 DEVICE_TRANSFORMS = ("moco_v2", "train_crop_flip")
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as augment.py, PIL and torchvision.
 JITTER_STRENGTH = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue (as augment.py).

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dvp_jax import choices
 from dvp_jax.models.layers import (ConvBNAct, SqueezeExcitation, StochasticDepth,
                                    global_avg_pool, make_divisible)
 
@@ -51,7 +52,7 @@ B0 = (
     (6, 3, 1, 192, 320, 1),
 )
 STAGES = (2, 3, 5, 7)  # features index of the 4 named stages
-VARIANTS = ("torchvision", "seed_distill")
+VARIANTS = choices.MODEL_VARIANTS
 # variant -> keyword arguments of every ConvBNAct (BN eps, torch-convention momentum, padding).
 CONV_SETTINGS = {"torchvision": dict(bn_epsilon=1e-5, bn_momentum=0.1, tf_same=False),
                  "seed_distill": dict(bn_epsilon=1e-3, bn_momentum=0.01, tf_same=True)}

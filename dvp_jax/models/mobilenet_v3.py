@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dvp_jax import choices
 from dvp_jax.models.layers import (ConvBNAct, SqueezeExcitation, global_avg_pool, hard_sigmoid,
                                    kaiming_normal_fan_out,
                                    hard_swish, make_divisible)
@@ -46,7 +47,7 @@ from dvp_jax.models.layers import (ConvBNAct, SqueezeExcitation, global_avg_pool
 Dtype = Any
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
-VARIANTS = ("torchvision", "seed_distill")
+VARIANTS = choices.MODEL_VARIANTS
 # variant -> (BN epsilon, BN momentum in torch's convention).
 BN_SETTINGS = {"torchvision": (BN_EPS, BN_MOMENTUM), "seed_distill": (1e-5, 0.1)}
 SEED_DROPOUT = 0.2

@@ -36,12 +36,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dvp_jax import features, loop, metrics, models, objectives, optim, pretrained, sharding
+from dvp_jax import (choices, config_checks, features, loop, metrics, models, objectives, optim,
+                     pretrained, sharding)
 from dvp_jax.evaluators import eval_files
 from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import common
 
-TRAINERS = ("supervised", "linear", "finetune")
+TRAINERS = choices.CLASSIFY_TRAINERS
 TRAIN_TRANSFORM = "train_crop_flip"
 EVAL_TRANSFORM = "eval_center"
 
@@ -302,6 +303,7 @@ def check_backbone(model, config, source: pretrained.Pretrained, what: str) -> N
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The loop.Task of a 'supervised' / 'linear' / 'finetune' run (see configs/classify.py)."""
+    config_checks.validate(config)
     trainer = config.trainer
     if trainer not in TRAINERS:
         raise ValueError(f"config.trainer={trainer!r}; classify.py runs {', '.join(TRAINERS)}.")

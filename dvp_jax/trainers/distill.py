@@ -46,14 +46,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dvp_jax import loop, models, objectives, pretrained, sharding
+from dvp_jax import choices, config_checks, loop, models, objectives, pretrained, sharding
 from dvp_jax.models.layers import BatchNorm, conv
 from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import classify, common
 
-KINDS = ("l2", "l2_relative", "ofd")
-TEACHER_BN = ("eval", "train")
-STUDENT_INIT = ("teacher", "random")
+KINDS = choices.DISTILL_KINDS
+TEACHER_BN = choices.DISTILL_TEACHER_BN
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 
 
@@ -193,10 +192,8 @@ def check_teacher(model, config, teacher: pretrained.Pretrained) -> None:
 
 def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The loop.Task of a Phase-2 run (see configs/distill.py)."""
+    config_checks.validate(config)
     dc = config.distill
-    if dc.student_init not in STUDENT_INIT:
-        raise ValueError(f"config.distill.student_init={dc.student_init!r}; allowed: "
-                         f"{', '.join(STUDENT_INIT)}.")
     sizes = common.data_sizes(config, mesh)
     spec = ModelSpec.from_config(config.model, num_classes=sizes.num_classes)
     model = spec.build()

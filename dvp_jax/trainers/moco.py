@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from dvp_jax import config_checks, loop, objectives, optim, sharding
+from dvp_jax import choices, config_checks, loop, objectives, optim, sharding
 from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import common
 
-SHUFFLE_BN_MODES = ("split", "sync", "none")
+SHUFFLE_BN_MODES = choices.SHUFFLE_BN_MODES
 
 
 SINGLE_SHARD_BN_GROUPS = 8  # MoCo's single-GPU recipe (its CIFAR demo): 8 BN groups.
@@ -201,9 +201,7 @@ def make_init_state(model, tx, config, groups: int):
 def build_task(config, mesh) -> loop.Task:
     """The loop.Task of a Phase-1 run described by ``config`` (see configs/moco.py)."""
     from dvp_jax.input import device_augment
-    if config.moco.shuffle_bn not in SHUFFLE_BN_MODES:
-        raise config_checks.ConfigError(f"config.moco.shuffle_bn={config.moco.shuffle_bn!r}; allowed: "
-                         f"{', '.join(SHUFFLE_BN_MODES)}.")
+    config_checks.validate(config)
     sizes = common.data_sizes(config, mesh)
     check_queue(config.moco.queue_size, config.batch_size)
     groups = bn_groups(config, mesh)

@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dvp_jax import checkpoints, config_checks, loop, objectives, optim, pretrained, sharding
+from dvp_jax import checkpoints, choices, config_checks, loop, objectives, optim, pretrained, sharding
 from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import common
 
-AUGMENTATIONS = {"moco_v2": "view1", "train_crop_flip": "image"}  # transform -> batch key fed.
+AUGMENTATIONS = choices.SEED_DISTILL_AUGMENTATIONS  # transform -> batch key fed.
 
 
 def check_queue(queue_size: int, global_batch: int) -> None:
@@ -162,9 +162,7 @@ def build_task(config, mesh) -> loop.Task:
     """The loop.Task of a SEED run described by ``config`` (see configs/seed_distill.py)."""
     from dvp_jax.input import device_augment
     sc = config.seed_distill
-    if sc.augmentation not in AUGMENTATIONS:
-        raise config_checks.ConfigError(f"config.seed_distill.augmentation={sc.augmentation!r}; allowed: "
-                         f"{', '.join(AUGMENTATIONS)}.")
+    config_checks.validate(config)
     sizes = common.data_sizes(config, mesh)
     check_queue(sc.queue_size, config.batch_size)
     groups = int(sc.bn_groups) or sharding.num_data_shards(mesh)
