@@ -12,8 +12,8 @@ command skips finished stages and resumes an interrupted one.
 
 Presets (after the colon):
   default   the embedded digits, 5 seeds: Phase 1 40 epochs, the other stages 20 (SPLIT_NOTE
-            below); meant for 15 minutes on a 2-core CPU. Measured (README): 15.5 minutes
-            wall (927 s) on a nearly idle 2-core CPU, compilation cache cold.
+            below); meant for 15 minutes on a 2-core CPU. Measured (README): 12.1 minutes
+            wall (729 s) on a nearly idle 2-core CPU, compilation cache cold.
   full      the same comparison trained longer (120 / 40 epochs), 5 seeds, plus the Phase-2
             lambda sweep (estimated 45-60 minutes on a 2-core CPU; not run).
   vipriors  the paper's ImageNet run: ResNet-50, 224 px, 800 + 100 epochs, on the VIPriors
