@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from dvp_jax import checkpoints, config_base, evaluate, sharding
+from dvp_jax.evaluators import members, passes
 from dvp_jax.models.spec import ModelSpec
 
 NUM_EXAMPLES, NUM_CLASSES, SIZE, BATCH = 32, 10, 16, 12  # 32 / 12: the last batch is padded.
@@ -124,10 +125,10 @@ def apply_model(directory, images, key):
 
 def reference_logits(directory, split="val", input_config=None):
     """(logits [N, C], labels [N]) of a checkpoint on its recorded data, computed directly."""
-    meta = checkpoints.load_meta(evaluate.resolve_checkpoint_dir(directory))
-    input_config = input_config or evaluate.make_input_config(meta)
+    meta = checkpoints.load_meta(members.resolve_checkpoint_dir(directory))
+    input_config = input_config or members.make_input_config(meta)
     images, labels = eval_images(input_config, split, "eval_center")
-    return apply_model(evaluate.resolve_checkpoint_dir(directory), images, "logits"), labels
+    return apply_model(members.resolve_checkpoint_dir(directory), images, "logits"), labels
 
 
 def numpy_topk(scores, labels):
@@ -189,7 +190,7 @@ def test_single_checkpoint_topk_and_workdir(ckpts):
     assert got["checkpoints"] == [ckpts["a"]]
     assert 0.0 < got["top5"] and got["top1"] <= got["top5"]  # Able to fail: nonzero top-5.
     # The workdir itself is accepted (DIR/checkpoints is found).
-    assert evaluate.resolve_checkpoint_dir(os.path.dirname(ckpts["a"])) == ckpts["a"]
+    assert members.resolve_checkpoint_dir(os.path.dirname(ckpts["a"])) == ckpts["a"]
     json.dumps(got)
 
 
@@ -204,15 +205,15 @@ def test_ensembles_average_softmax(ckpts):
     ref = numpy_topk(mean, labels)
     assert pair["top1"] == pytest.approx(ref["top1"]) and pair["top5"] == pytest.approx(ref["top5"])
     # The ensemble differs from each member on this data (else the test could not fail).
-    members = [numpy_topk(a_logits, labels), numpy_topk(b_logits, labels)]
-    assert [m["top1"] for m in pair["members"]] == pytest.approx([m["top1"] for m in members])
+    expected = [numpy_topk(a_logits, labels), numpy_topk(b_logits, labels)]
+    assert [m["top1"] for m in pair["members"]] == pytest.approx([m["top1"] for m in expected])
     assert np.any(np.argmax(mean, 1) != np.argmax(a_logits, 1))
 
 
 def test_ten_crop_is_mean_of_crop_softmax(ckpts):
     got = evaluate.evaluate_checkpoints([ckpts["a"]], split="val", ten_crop=True)
     meta = checkpoints.load_meta(ckpts["a"])
-    crops, labels = eval_images(evaluate.make_input_config(meta), "val", "ten_crop")
+    crops, labels = eval_images(members.make_input_config(meta), "val", "ten_crop")
     assert crops.shape == (NUM_EXAMPLES, 10, SIZE, SIZE, 3)
     meta, variables = checkpoints.load_model_variables(ckpts["a"])
     run = apply_fn(meta["model"])
@@ -222,9 +223,9 @@ def test_ten_crop_is_mean_of_crop_softmax(ckpts):
     assert got["ten_crop"] and got["num_examples"] == NUM_EXAMPLES
     assert got["top1"] == pytest.approx(ref["top1"]) and got["top5"] == pytest.approx(ref["top5"])
     # The scores themselves: log of the crop-mean softmax.
-    member = evaluate.load_member(ckpts["a"])
-    scores, _, _ = evaluate._run_pass(member, "val", "ten_crop", scores=True, feature=None,
-                                      global_batch=BATCH, mesh=sharding.make_mesh())
+    member = members.load_member(ckpts["a"])
+    scores, _, _ = passes.run_pass(member, "val", "ten_crop", scores=True, feature=None,
+                                   global_batch=BATCH, mesh=sharding.make_mesh())
     np.testing.assert_allclose(np.exp(scores), probs, rtol=2e-4, atol=1e-6)
 
 
@@ -239,7 +240,7 @@ def test_knn_on_encoder_without_classifier(ckpts):
                                         knn_temperature=t, batch_size=BATCH,
                                         input_overrides=overrides)
     assert "top1" not in got
-    ref = reference_knn(ckpts["enc"], evaluate.make_input_config({}, overrides=overrides),
+    ref = reference_knn(ckpts["enc"], members.make_input_config({}, overrides=overrides),
                         k=k, temperature=t)
     assert got["knn_top1"] == pytest.approx(ref["top1"])
     assert got["knn_top5"] == pytest.approx(ref["top5"])

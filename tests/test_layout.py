@@ -15,7 +15,6 @@ MAX_LINES = 400
 # Remove a file from the list when it is split; never add one.
 OVER_LONG = {
     "benchmark.py": 445,
-    "evaluate.py": 569,
     "input/augment.py": 428,
 }
 

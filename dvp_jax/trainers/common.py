@@ -7,7 +7,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from dvp_jax import config_checks, features, loop, metrics, optim, sharding
+from dvp_jax import config_checks, features, loop, optim, sharding
+from dvp_jax.evaluators import knn
 from dvp_jax.models.spec import ModelSpec
 
 
@@ -73,11 +74,9 @@ def knn_evaluator(config, model, variables_of: Callable[[Any], dict], mesh,
             data_sizes(config, mesh).num_train)
         query, labels = features.extract(
             predict, variables, eval_batches(config, config.input.eval_split), mesh)
-        num_classes = max(int(jax.device_get(jnp.max(bank.labels))), int(labels.max())) + 1
-        scores = metrics.sharded_knn_scores(query, bank, num_classes=num_classes,
-                                            k=config.knn.k, temperature=config.knn.temperature,
-                                            mesh=mesh)
-        return {f"{prefix}_top1": metrics.accuracy_from_scores(scores, labels, ks=(1,))["top1"]}
+        acc = knn.knn_accuracy(query, labels, bank, k=config.knn.k,
+                               temperature=config.knn.temperature, mesh=mesh, ks=(1,))
+        return {f"{prefix}_top1": acc["top1"]}
 
     return evaluate
 
