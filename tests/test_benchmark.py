@@ -1,7 +1,7 @@
 """The benchmark command: its JSON records, and no recompilation after the first step."""
 import jax
 
-from dvp_jax import benchmark
+from dvp_jax import benchmark, benchmark_input
 
 
 def test_benchmark_reports_and_never_recompiles(capsys):
@@ -60,10 +60,10 @@ def test_input_benchmark_never_writes_into_existing_data(tmp_path):
     assert (data / "00000.jpg").read_bytes() == b"precious"
     assert os.listdir(tmp_path / "imagenet" / "train") == ["n01"]
 
-    with benchmark._benchmark_jpegs("", num_images=2) as folder:
+    with benchmark_input.benchmark_jpegs("", num_images=2) as folder:
         assert len(os.listdir(os.path.join(folder, "train"))) == 2
     assert not os.path.exists(folder)
     kept = tmp_path / "kept"
-    with benchmark._benchmark_jpegs(str(kept), num_images=2) as folder:
+    with benchmark_input.benchmark_jpegs(str(kept), num_images=2) as folder:
         pass
     assert sorted(os.listdir(kept / "train")) == ["class00", "class01"]

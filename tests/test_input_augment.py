@@ -5,7 +5,7 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from dvp_jax import config_base
-from dvp_jax.input import augment, autoaugment
+from dvp_jax.input import augment, autoaugment, eval_crops
 from helpers import assert_moco_decision_rates
 
 N_DRAWS = 2000
@@ -110,12 +110,12 @@ def test_gaussian_blur_at_16px_matches_numpy_gaussian(sigma):
 
 
 def test_ten_crop_boxes():
-    boxes = augment.ten_crop_boxes(256, 300, 224)
+    boxes = eval_crops.ten_crop_boxes(256, 300, 224)
     five = [(0, 0), (0, 76), (32, 0), (32, 76), (16, 38)]
     assert boxes == five + [(0, 76), (0, 0), (32, 76), (32, 0), (16, 38)]
-    as_tensors = augment.ten_crop_boxes(tf.constant(256), tf.constant(300), 224)
+    as_tensors = eval_crops.ten_crop_boxes(tf.constant(256), tf.constant(300), 224)
     assert [(int(t), int(l)) for t, l in as_tensors] == boxes
-    assert augment.ten_crop_boxes(225, 227, 224)[4] == (0, 2)  # round(1.5) = 2, round(0.5) = 0.
+    assert eval_crops.ten_crop_boxes(225, 227, 224)[4] == (0, 2)  # round(1.5) = 2, round(0.5) = 0.
 
 
 def test_eval_center_and_ten_crop_outputs():
@@ -130,9 +130,9 @@ def test_eval_center_and_ten_crop_outputs():
 
     ten = augment.get_transform("ten_crop", c, image_size=16)(image, tf.constant([0, 0]))["image"]
     assert ten.shape == (10, 16, 16, 3)
-    resized = augment.resize_shorter_side(image, augment.resize_size(16, c)).numpy()
+    resized = eval_crops.resize_shorter_side(image, eval_crops.resize_size(16, c)).numpy()
     assert resized.shape[:2] == (18, 30)  # round(16 / 0.875) = 18; int(18 * 50 / 30) = 30.
-    boxes = augment.ten_crop_boxes(18, 30, 16)
+    boxes = eval_crops.ten_crop_boxes(18, 30, 16)
     for k, (top, left) in enumerate(boxes):
         crop = resized[top:top + 16, left:left + 16]
         crop = crop[:, ::-1] if k >= 5 else crop

@@ -11,13 +11,6 @@ import dvp_jax
 PACKAGE_DIR = os.path.dirname(dvp_jax.__file__)
 MAX_LINES = 400
 
-# Files still over MAX_LINES: the debt owed by issue 18 (lines when this list was written).
-# Remove a file from the list when it is split; never add one.
-OVER_LONG = {
-    "benchmark.py": 445,
-    "input/augment.py": 428,
-}
-
 
 def _modules() -> dict[str, str]:
     """{dotted module name: file path} of every module of the package."""
@@ -102,16 +95,13 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_no_file_over_400_lines_except_the_listed_debt():
+def test_no_file_over_400_lines():
     sizes = {}
     for path in _modules().values():
         with open(path, encoding="utf-8") as f:
             sizes[os.path.relpath(path, PACKAGE_DIR).replace(os.sep, "/")] = len(f.readlines())
-    over = {p: n for p, n in sizes.items() if n > MAX_LINES and p not in OVER_LONG}
+    over = {p: n for p, n in sizes.items() if n > MAX_LINES}
     assert not over, f"files over {MAX_LINES} lines (split them): {over}"
-    # The list stays honest: every listed file exists and is still over the limit.
-    paid = {p: sizes.get(p) for p in OVER_LONG if sizes.get(p, 0) <= MAX_LINES}
-    assert not paid, f"no longer over {MAX_LINES} lines (remove from OVER_LONG): {paid}"
 
 
 def test_every_registered_trainer_and_experiment_module_has_its_entry_points():

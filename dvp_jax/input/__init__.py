@@ -11,6 +11,7 @@ Modules:
                  (folder:PATH); shared pieces in source_base, splits and decode.
   augment     -- a registry of per-example transforms (moco_v2, train_crop_flip, eval_center,
                  ten_crop), stateless: each output is a pure function of (image, seed).
+  eval_crops  -- the geometry of evaluation crops (resize, centre crop, ten crops).
   autoaugment -- AutoAugment's ImageNet and CIFAR-10 policies on uint8 images.
   pipeline    -- deterministic, resumable train iterators and padded eval iterators.
   device_augment -- input.augment_on='device': the MoCo v2 and crop+flip views in jax.numpy,

@@ -24,7 +24,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from dvp_jax.input import autoaugment
+from dvp_jax.input import autoaugment, eval_crops
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL / torchvision.
 Transform = Callable[[tf.Tensor, tf.Tensor], dict]
@@ -314,57 +314,14 @@ def train_crop_flip(input_config, image_size: int) -> Transform:
 # ----------------------------------------------------------------------------------------------
 # Evaluation.
 
-def _round_half_even(value):
-    """Python's round() for ints/floats; tf.round (also half-to-even) for tensors."""
-    if isinstance(value, (int, float)):
-        return int(round(value))
-    return tf.cast(tf.round(tf.cast(value, tf.float32)), tf.int32)
-
-
-def resize_size(image_size: int, input_config) -> int:
-    """Shorter side before the central crop: round(S / crop_ratio), e.g. 224 -> 256."""
-    return int(round(image_size / float(input_config.get("crop_ratio", 0.875))))
-
-
-def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Bilinear (antialiased) resize so min(H, W) = size; the long side = int(size * long / short)
-    as torchvision's Resize(int). Returns float32 0..255 [H', W', 3]."""
-    shape = tf.shape(image)
-    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
-    short = tf.minimum(h, w)
-    new_h = tf.where(h <= w, size, tf.cast(size * h / short, tf.int32))
-    new_w = tf.where(h <= w, tf.cast(size * w / short, tf.int32), size)
-    return tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
-
-
-def center_crop_box(height, width, size):
-    """(top, left) of torchvision's CenterCrop: int(round((H - S) / 2)), int(round((W - S) / 2))."""
-    return _round_half_even((height - size) / 2), _round_half_even((width - size) / 2)
-
-
-def ten_crop_boxes(height, width, size) -> list:
-    """The 10 (top, left) boxes of torchvision's TenCrop in the (resized) image's coordinates.
-
-    Boxes 0..4: top-left, top-right, bottom-left, bottom-right, centre. Boxes 5..9 are
-    torchvision's five crops of the horizontally flipped image, given here in the unflipped
-    image's coordinates: crop k+5 = flip(crop of box k+5), i.e. flipped top-left (= the right
-    edge), flipped top-right, flipped bottom-left, flipped bottom-right, flipped centre.
-    Works on Python ints and on int32 tensors.
-    """
-    ct, cl = center_crop_box(height, width, size)
-    five = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size), (ct, cl)]
-    flipped = [(top, width - size - left) for top, left in five]
-    return five + flipped
-
-
 def eval_center(input_config, image_size: int) -> Transform:
-    resize = resize_size(image_size, input_config)
+    resize = eval_crops.resize_size(image_size, input_config)
 
     def transform(image, seed):
         del seed
-        x = resize_shorter_side(image, resize)
+        x = eval_crops.resize_shorter_side(image, resize)
         shape = tf.shape(x)
-        top, left = center_crop_box(shape[0], shape[1], image_size)
+        top, left = eval_crops.center_crop_box(shape[0], shape[1], image_size)
         x = x[top:top + image_size, left:left + image_size]
         x = normalize(tf.clip_by_value(x, 0.0, 255.0), input_config, max_value=255.0)
         return {"image": tf.reshape(x, [image_size, image_size, 3])}
@@ -373,14 +330,14 @@ def eval_center(input_config, image_size: int) -> Transform:
 
 
 def ten_crop(input_config, image_size: int) -> Transform:
-    resize = resize_size(image_size, input_config)
+    resize = eval_crops.resize_size(image_size, input_config)
 
     def transform(image, seed):
         del seed
-        x = resize_shorter_side(image, resize)
+        x = eval_crops.resize_shorter_side(image, resize)
         shape = tf.shape(x)
         crops = []
-        for k, (top, left) in enumerate(ten_crop_boxes(shape[0], shape[1], image_size)):
+        for k, (top, left) in enumerate(eval_crops.ten_crop_boxes(shape[0], shape[1], image_size)):
             crop = x[top:top + image_size, left:left + image_size]
             crops.append(tf.reverse(crop, axis=[1]) if k >= 5 else crop)
         x = normalize(tf.clip_by_value(tf.stack(crops), 0.0, 255.0), input_config, max_value=255.0)
@@ -393,13 +350,13 @@ def stored_uint8(input_config, image_size: int) -> Transform:
     """The centre square (side min(H, W)) resized to R x R: area averaging when shrinking (a
     proper antialiasing filter at a third of the antialiased bilinear's cost: the host's
     whole job in device mode), bilinear when enlarging."""
-    size = resize_size(image_size, input_config)
+    size = eval_crops.resize_size(image_size, input_config)
 
     def transform(image, seed):
         del seed
         shape = tf.shape(image)
         side = tf.minimum(shape[0], shape[1])
-        top, left = center_crop_box(shape[0], shape[1], side)
+        top, left = eval_crops.center_crop_box(shape[0], shape[1], side)
         square = tf.slice(image, tf.stack([top, left, 0]), tf.stack([side, side, 3]))
         x = tf.cond(side > size,
                     lambda: tf.image.resize(square, [size, size], method="area"),
