@@ -1,6 +1,128 @@
-"""Assertions shared by several test modules (import as ``from helpers import ...``; tests/ is
-on sys.path under pytest's default rootdir-relative import mode)."""
+"""What several test modules share: paths, subprocess environments, fake checkpoints and tree
+assertions. The one module tests import helpers from (``from helpers import ...``; tests/ is on
+sys.path under pytest's default rootdir-relative import mode): no test module imports another.
+"""
+import math
+import os
+import socket
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from dvp_jax import checkpoints
+from dvp_jax.models.spec import ModelSpec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- processes
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_device_env() -> dict:
+    """This environment with 2 simulated CPU devices instead of conftest's 4."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=2"])
+    for k in ("DVP_COORDINATOR_ADDRESS", "DVP_NUM_PROCESSES", "DVP_PROCESS_ID"):
+        env.pop(k, None)
+    return env
+
+
+# ----------------------------------------------------------------------------- trees
+
+
+def leaves_with_paths(tree):
+    return {jax.tree_util.keystr(p): np.asarray(x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def assert_trees_equal(a, b):
+    la, lb = leaves_with_paths(a), leaves_with_paths(b)
+    assert la.keys() == lb.keys()
+    for k in la:
+        np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
+
+
+# ----------------------------------------------------------------------------- fake models
+
+
+def init_shapes(model, res, batch=1):
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                          jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32))
+
+
+def random_variables(shapes, seed=0):
+    """Fills a variables tree of ShapeDtypeStructs with He-scaled random weights and random
+    BN affine parameters / running statistics (numpy, float32)."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        leaf = path[-1].key
+        if leaf == "kernel":
+            x = rng.normal(0.0, math.sqrt(2.0 / math.prod(s.shape[:-1])), s.shape)
+        elif leaf == "scale":
+            x = rng.uniform(0.5, 1.5, s.shape)
+        elif leaf in ("bias", "mean"):
+            x = rng.normal(0.0, 0.1, s.shape)
+        elif leaf == "var":
+            x = rng.uniform(0.5, 1.5, s.shape)
+        else:
+            raise AssertionError(path)
+        return np.asarray(x, np.float32)
+
+    return jax.tree.map_with_path(fill, shapes)
+
+
+def write_checkpoint(directory, step: int, state: dict, meta: dict) -> str:
+    """Saves ``state`` (numpy trees: 'step', 'params', 'batch_stats', ...) with ``meta`` as
+    step ``step`` of the Orbax checkpoint folder ``directory``, the way trainers do."""
+    mngr = checkpoints.manager(str(directory))
+    checkpoints.save(mngr, step, state, meta)
+    mngr.wait_until_finished()
+    mngr.close()
+    return str(directory)
+
+
+PHASE1_STEP = 10
+
+
+def write_phase1(directory, *, name="resnet18", width=0.125, seed=0, step=PHASE1_STEP):
+    """A Phase-1 (MoCo-like) checkpoint with a projection head; random but BN-plausible values."""
+    kwargs = dict(name=name, small_stem=True, width_multiplier=width, dtype="float32",
+                  zero_init_residual=False, projection_dims=[32, 16], bn_groups=1)
+    model = ModelSpec(**kwargs).build()
+    shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 16, 16, 3)), train=False),
+                            jax.random.PRNGKey(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        last = path[-1].key
+        if last == "scale":
+            return (1.0 + 0.1 * rng.normal(size=s.shape)).astype(np.float32)
+        if last == "var":
+            return rng.uniform(0.5, 1.5, size=s.shape).astype(np.float32)
+        if last in ("bias", "mean"):
+            return (0.1 * rng.normal(size=s.shape)).astype(np.float32)
+        fan_in = int(np.prod(s.shape[:-1]))
+        return (rng.normal(size=s.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    variables = jax.tree_util.tree_map_with_path(fill, shapes)
+    state = {"step": np.int32(step), "params": variables["params"],
+             "batch_stats": variables["batch_stats"]}
+    write_checkpoint(directory, step, state, {"trainer": "moco", "model": kwargs})
+    return variables
+
+
+# ----------------------------------------------------------------------------- assertions
+
+
 
 
 def assert_moco_decision_rates(p):

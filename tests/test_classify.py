@@ -9,7 +9,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,39 +17,7 @@ from configs import distill as distill_config
 from dvp_jax import checkpoints, config_checks, sharding, train
 from dvp_jax.trainers import classify
 from dvp_jax.evaluators import eval_files
-from dvp_jax.models.spec import ModelSpec
-
-PHASE1_STEP = 10
-
-
-def write_phase1(directory, *, name="resnet18", width=0.125, seed=0, step=PHASE1_STEP):
-    """A Phase-1 (MoCo-like) checkpoint with a projection head; random but BN-plausible values."""
-    kwargs = dict(name=name, small_stem=True, width_multiplier=width, dtype="float32",
-                  zero_init_residual=False, projection_dims=[32, 16], bn_groups=1)
-    model = ModelSpec(**kwargs).build()
-    shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 16, 16, 3)), train=False),
-                            jax.random.PRNGKey(0))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        last = path[-1].key
-        if last == "scale":
-            return (1.0 + 0.1 * rng.normal(size=s.shape)).astype(np.float32)
-        if last == "var":
-            return rng.uniform(0.5, 1.5, size=s.shape).astype(np.float32)
-        if last in ("bias", "mean"):
-            return (0.1 * rng.normal(size=s.shape)).astype(np.float32)
-        fan_in = int(np.prod(s.shape[:-1]))
-        return (rng.normal(size=s.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-
-    variables = jax.tree_util.tree_map_with_path(fill, shapes)
-    state = {"step": np.int32(step), "params": variables["params"],
-             "batch_stats": variables["batch_stats"]}
-    mngr = checkpoints.manager(str(directory))
-    checkpoints.save(mngr, step, state, {"trainer": "moco", "model": kwargs})
-    mngr.wait_until_finished()
-    return variables
-
+from helpers import PHASE1_STEP, assert_trees_equal, leaves_with_paths, write_phase1  # noqa: E402
 
 @pytest.fixture(scope="module")
 def phase1(tmp_path_factory):
@@ -65,18 +32,6 @@ def tiny(preset, **classify_overrides):
     for k, v in classify_overrides.items():
         config.classify[k] = v
     return config
-
-
-def leaves_with_paths(tree):
-    return {jax.tree_util.keystr(p): np.asarray(x)
-            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def assert_trees_equal(a, b):
-    la, lb = leaves_with_paths(a), leaves_with_paths(b)
-    assert la.keys() == lb.keys()
-    for k in la:
-        np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
 
 
 def check_run_outputs(workdir, trainer, steps=2):

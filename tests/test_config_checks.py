@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from dvp_jax import config_checks
+from helpers import REPO  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
                       if f.endswith(".py") and not f.startswith("_"))
 # Wrong values tried, by the type of the key's default (the first one a rule refuses is used).

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from dvp_jax import console, jsonfmt, plots
+from helpers import REPO  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lines that must never reach the console by default: absl-prefixed log lines (I1203 23:04:08
 # ... file.py:12]), Orbax's and TensorFlow's notices.
 FOREIGN = re.compile(r"^[IWEF]\d{4} |orbax|checkpoint_manager|oneDNN|absl::InitializeLog|"

@@ -20,7 +20,7 @@ from dvp_jax import checkpoints, loop, models, objectives, sharding, train
 from dvp_jax import pretrained
 from dvp_jax.trainers import distill
 
-from test_classify import assert_trees_equal, leaves_with_paths, write_phase1  # noqa: E402
+from helpers import assert_trees_equal, leaves_with_paths, write_phase1  # noqa: E402
 
 
 @pytest.fixture(scope="module")

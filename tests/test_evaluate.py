@@ -19,9 +19,9 @@ import pytest
 from dvp_jax import checkpoints, config_base, evaluate, sharding
 from dvp_jax.evaluators import members, passes
 from dvp_jax.models.spec import ModelSpec
+from helpers import REPO, write_checkpoint  # noqa: E402
 
 NUM_EXAMPLES, NUM_CLASSES, SIZE, BATCH = 32, 10, 16, 12  # 32 / 12: the last batch is padded.
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def model_kwargs(num_classes=NUM_CLASSES, projection_dims=()):
@@ -98,11 +98,7 @@ def save_checkpoint(directory, kwargs, seed, *, trainer="supervised", with_confi
     if with_config:
         meta["config"] = {"trainer": trainer, "batch_size": BATCH,
                           "input": json.loads(input_section().to_json())}
-    mngr = checkpoints.manager(str(directory))
-    checkpoints.save(mngr, step, state, meta)
-    mngr.wait_until_finished()
-    mngr.close()
-    return str(directory)
+    return write_checkpoint(directory, step, state, meta)
 
 
 def eval_images(input_config, split, transform):

@@ -20,7 +20,7 @@ from configs import table1 as table1_config
 from dvp_jax import checkpoints, loop, sharding, table1
 from dvp_jax.trainers import distill, moco
 
-from test_classify import assert_trees_equal, write_phase1  # noqa: E402
+from helpers import assert_trees_equal, write_phase1  # noqa: E402
 
 
 def _one_device():

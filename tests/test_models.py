@@ -15,6 +15,7 @@ import pytest
 from dvp_jax import models
 from dvp_jax.models.layers import BatchNorm
 from dvp_jax.models.spec import ModelSpec
+from helpers import init_shapes, random_variables  # noqa: E402
 
 # torchvision's parameter counts with a 1,000-class classifier (BN running stats excluded).
 TORCHVISION_COUNTS = {
@@ -25,36 +26,9 @@ TORCHVISION_COUNTS = {
 }
 
 
-def _init_shapes(model, res, batch=1):
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                          jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32))
-
-
 def _out_shapes(model, variables, res, batch=2):
     return jax.eval_shape(lambda v, x: model.apply(v, x, False), variables,
                           jax.ShapeDtypeStruct((batch, res, res, 3), jnp.float32))
-
-
-def random_variables(shapes, seed=0):
-    """Fills a variables tree of ShapeDtypeStructs with He-scaled random weights and random
-    BN affine parameters / running statistics (numpy, float32)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        leaf = path[-1].key
-        if leaf == "kernel":
-            x = rng.normal(0.0, math.sqrt(2.0 / math.prod(s.shape[:-1])), s.shape)
-        elif leaf == "scale":
-            x = rng.uniform(0.5, 1.5, s.shape)
-        elif leaf in ("bias", "mean"):
-            x = rng.normal(0.0, 0.1, s.shape)
-        elif leaf == "var":
-            x = rng.uniform(0.5, 1.5, s.shape)
-        else:
-            raise AssertionError(path)
-        return np.asarray(x, np.float32)
-
-    return jax.tree.map_with_path(fill, shapes)
 
 
 # ---------------------------------------------------------------------------- registry
@@ -62,7 +36,7 @@ def random_variables(shapes, seed=0):
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION_COUNTS))
 def test_param_count_equals_torchvision(name):
-    shapes = _init_shapes(models.build(name, num_classes=1000), 224)
+    shapes = init_shapes(models.build(name, num_classes=1000), 224)
     assert models.count_params(shapes["params"]) == TORCHVISION_COUNTS[name]
 
 
@@ -97,7 +71,7 @@ def test_model_spec_round_trips_and_builds_the_same_model():
 
 def test_tree_layout_with_and_without_heads():
     m = models.build("resnet18", num_classes=10, projection_dims=(64, 16))
-    v = _init_shapes(m, 32)
+    v = init_shapes(m, 32)
     assert set(v) == {"params", "batch_stats"}
     assert set(v["params"]) == {"backbone", "projection", "classifier"}
     assert set(v["batch_stats"]) == {"backbone"}
@@ -110,7 +84,7 @@ def test_tree_layout_with_and_without_heads():
     assert set(bb["layer2_0"]) == {"conv1", "bn1", "conv2", "bn2", "downsample_conv",
                                    "downsample_bn"}
     assert set(v["batch_stats"]["backbone"]["bn1"]) == {"mean", "var"}
-    bare = _init_shapes(models.build("resnet18"), 32)
+    bare = init_shapes(models.build("resnet18"), 32)
     assert set(bare["params"]) == {"backbone"}
     # Phase 2 copies params['backbone'] from a Phase-1 model: the trees must be identical.
     assert jax.tree.structure(bare["params"]["backbone"]) == jax.tree.structure(bb)
@@ -118,13 +92,13 @@ def test_tree_layout_with_and_without_heads():
 
 def test_options_small_stem_width_multiplier_and_dtype():
     m = models.build("resnet50", small_stem=True, width_multiplier=0.5)
-    v = _init_shapes(m, 32)
+    v = init_shapes(m, 32)
     assert v["params"]["backbone"]["conv1"]["kernel"].shape == (3, 3, 3, 32)
     out = _out_shapes(m, v, 32)
     assert out["stage1"].shape == (2, 32, 32, 128)
     assert out["pooled"].shape == (2, 1024)
     mb = models.build("resnet18", num_classes=5, projection_dims=(8, 4), dtype="bfloat16")
-    vb = _init_shapes(mb, 32)
+    vb = init_shapes(mb, 32)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(vb))  # fp32 params
     ob = _out_shapes(mb, vb, 32)
     assert ob["stage2"].dtype == jnp.bfloat16
@@ -149,7 +123,7 @@ FEATURE_CASES = [
 @pytest.mark.parametrize("name,res,small,chans,sizes", FEATURE_CASES)
 def test_named_feature_shapes(name, res, small, chans, sizes):
     m = models.build(name, num_classes=7, projection_dims=(32, 16), small_stem=small)
-    out = _out_shapes(m, _init_shapes(m, res), res, batch=2)
+    out = _out_shapes(m, init_shapes(m, res), res, batch=2)
     for i, (c, s) in enumerate(zip(chans, sizes)):
         assert out[f"stage{i + 1}"].shape == (2, s, s, c)
     pooled_dim = {"resnet18": 512, "resnet50": 2048}.get(name, 1280)
@@ -161,7 +135,7 @@ def test_named_feature_shapes(name, res, small, chans, sizes):
 @pytest.mark.parametrize("name,res,small", [("resnet18", 32, True), ("resnet50", 64, False)])
 def test_stages_are_pre_relu_and_pooled_is_post_relu(name, res, small):
     m = models.build(name, num_classes=3, small_stem=small)
-    v = random_variables(_init_shapes(m, res), seed=1)
+    v = random_variables(init_shapes(m, res), seed=1)
     x = np.random.default_rng(2).normal(size=(2, res, res, 3)).astype(np.float32)
     out = jax.jit(lambda v, x: m.apply(v, x, False))(v, x)
     for k in ("stage1", "stage2", "stage3", "stage4"):
@@ -177,7 +151,7 @@ def test_stages_are_pre_relu_and_pooled_is_post_relu(name, res, small):
 
 def test_train_mode_updates_batch_stats_only_in_backbone():
     m = models.build("resnet18", num_classes=3, projection_dims=(8, 4), small_stem=True)
-    v = random_variables(_init_shapes(m, 16), seed=3)
+    v = random_variables(init_shapes(m, 16), seed=3)
     x = np.random.default_rng(4).normal(size=(4, 16, 16, 3)).astype(np.float32)
     out, upd = jax.jit(lambda v, x: m.apply(v, x, True, mutable=["batch_stats"]))(v, x)
     assert set(upd) == {"batch_stats"} and set(upd["batch_stats"]) == {"backbone"}
@@ -190,7 +164,7 @@ def test_train_mode_updates_batch_stats_only_in_backbone():
                                   "efficientnet_b0"])
 def test_last_bn_of_stages_matches_stage_channels(name):
     m = models.build(name)
-    v = _init_shapes(m, 64)
+    v = init_shapes(m, 64)
     out = _out_shapes(m, v, 64)
     bns = models.last_bn_of_stages(v, name)
     assert len(bns) == 4
@@ -336,7 +310,7 @@ def test_bf16_compute_close_to_fp32():
     kw = dict(num_classes=5, projection_dims=(32, 8), small_stem=True)
     m32 = models.build("resnet18", **kw)
     m16 = models.build("resnet18", dtype="bfloat16", **kw)
-    v = random_variables(_init_shapes(m32, 32), seed=5)
+    v = random_variables(init_shapes(m32, 32), seed=5)
     x = np.random.default_rng(6).normal(size=(4, 32, 32, 3)).astype(np.float32)
     for train in (False, True):
         mut = ["batch_stats"] if train else False

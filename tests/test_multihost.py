@@ -45,7 +45,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -58,9 +57,9 @@ import pytest
 from configs import distill as distill_configs
 from configs import moco as moco_configs
 from dvp_jax import checkpoints, train, workdir_lock
+from helpers import REPO, free_port, two_device_env  # noqa: E402
 from multihost_worker import START_STEP, STEPS as WORKER_STEPS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # Seconds for one 2-process job (60-130 s on 2 busy cores, warm cache).
 # runlocal: 64 synthetic 16-px images, batch 16 -> 4 steps per epoch, 2 epochs = 8 steps.
 MOCO = {"knn.enabled": False, "loop.log_every_steps": 1, "loop.checkpoint_every_steps": 4}
@@ -110,23 +109,6 @@ def cli(config_arg, workdir, overrides):
 
 
 # ----------------------------------------------------------------------------- 2-process jobs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def two_device_env() -> dict:
-    """This environment with 2 simulated CPU devices instead of conftest's 4."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=2"])
-    for k in ("DVP_COORDINATOR_ADDRESS", "DVP_NUM_PROCESSES", "DVP_PROCESS_ID"):
-        env.pop(k, None)
-    return env
 
 
 class Job:

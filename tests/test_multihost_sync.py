@@ -13,7 +13,7 @@ import time
 import pytest
 
 from dvp_jax import distributed
-from test_multihost import REPO, free_port, two_device_env
+from helpers import REPO, free_port, two_device_env
 
 
 def test_two_processes_disagree_on_data_and_time_out_at_a_barrier(tmp_path):

@@ -19,8 +19,8 @@ import pytest
 from configs import moco as moco_configs
 from dvp_jax import checkpoints, loop, sharding, train, workdir_config
 from dvp_jax.trainers import moco
+from helpers import REPO  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"num_epochs": 4.0, "loop.checkpoint_every_steps": 2, "loop.log_every_steps": 1,
              "knn.enabled": False}  # 16 steps of 16 synthetic 16-px images.
 

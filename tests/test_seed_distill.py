@@ -16,6 +16,7 @@ from configs import seed_distill as seed_distill_config
 from dvp_jax import checkpoints, loop, objectives, pretrained, sharding
 from dvp_jax.trainers import seed_distill
 from dvp_jax.models.spec import ModelSpec
+from helpers import write_checkpoint  # noqa: E402
 
 TEACHER_KWARGS = dict(name="resnet18", small_stem=True, width_multiplier=0.25, dtype="float32",
                       zero_init_residual=False, projection_dims=[32, 16], bn_groups=1)
@@ -43,9 +44,7 @@ def write_teacher(directory, step=1, seed_=0, projection=True):
     variables = jax.tree_util.tree_map_with_path(fill, shapes)
     state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
              "step": np.int32(step)}
-    mngr = checkpoints.manager(str(directory))
-    checkpoints.save(mngr, step, state, {"trainer": "moco", "model": kwargs})
-    mngr.wait_until_finished()
+    write_checkpoint(directory, step, state, {"trainer": "moco", "model": kwargs})
     return state
 
 

@@ -15,14 +15,14 @@ from dvp_jax.models import efficientnet, mobilenet_v3
 from dvp_jax.models.layers import ConvBNAct, SqueezeExcitation, hard_sigmoid, tf_same_padding
 from dvp_jax.models.spec import ModelSpec
 
-from test_models import _init_shapes, random_variables  # noqa: E402
+from helpers import init_shapes, random_variables  # noqa: E402
 
 
 @pytest.mark.parametrize("name,count", [("mobilenet_v3_large", 5_483_032),
                                         ("efficientnet_b0", 5_288_548)])
 def test_seed_students_parameter_counts(name, count):
-    seed = _init_shapes(models.build(name, num_classes=1000, variant="seed_distill"), 224)
-    tv = _init_shapes(models.build(name, num_classes=1000), 224)
+    seed = init_shapes(models.build(name, num_classes=1000, variant="seed_distill"), 224)
+    tv = init_shapes(models.build(name, num_classes=1000), 224)
     assert models.count_params(seed["params"]) == count
     assert jax.tree.map(lambda s: s.shape, seed) == jax.tree.map(lambda s: s.shape, tv)
     with pytest.raises(ValueError, match="variant"):
@@ -66,7 +66,7 @@ def test_bn_eps_and_momentum_of_each_variant(name, variant, settings):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        _init_shapes(models.build(name, variant=variant), 32)
+        init_shapes(models.build(name, variant=variant), 32)
     assert seen == {settings}
 
 
@@ -104,7 +104,7 @@ def test_seed_students_drop_out_pooled_in_training_only(name):
             return out
 
         x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
-        variables = _init_shapes(model, 16)
+        variables = init_shapes(model, 16)
         with nn.intercept_methods(record):
             out = jax.eval_shape(lambda v, x: model.apply(
                 v, x, train=train, mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)}),
