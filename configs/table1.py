@@ -15,7 +15,7 @@ Presets (after the colon):
             below); meant for 15 minutes on a 2-core CPU. Measured (README): 12.1 minutes
             wall (729 s) on a nearly idle 2-core CPU, compilation cache cold.
   full      the same comparison trained longer (120 / 40 epochs), 5 seeds, plus the Phase-2
-            lambda sweep (estimated 45-60 minutes on a 2-core CPU; not run).
+            lambda sweep (measured, README: 39 minutes on a shared 2-core CPU, warm cache).
   vipriors  the paper's ImageNet run: ResNet-50, 224 px, 800 + 100 epochs, on the VIPriors
             folder (build it with `python -m dvp_jax.input.vipriors`; point
             --config.input.source=folder:PATH at it).
@@ -65,7 +65,8 @@ most of its gain; with the uncentred head Phase 1 collapsed, and its former 100 
 a k-NN of 65.7 +- 8.5 (5 seeds) against 53.2 for the untrained encoder. The whole default job (5 seeds, cold compilation cache)
 is measured in the README. Cost of the split, seen only after the final run: 140 steps leave
 supervised training from scratch under-trained (val 59.3 over 5 seeds; 74.7 with the former
-30 epochs), so the supervised row is a weak baseline in this preset (README says so).
+30 epochs), so the supervised row is a weak baseline in this preset (README says so; the full
+preset's 40 epochs give it 80.9).
 """
 # Phase-2 lambdas of the full preset's sweep (besides configs/distill.py:digits's own).
 DISTILL_SWEEP = (1e-3, 1e-1, 1.0)
