@@ -93,3 +93,17 @@ def test_switch_off_uses_plain_xla():
     txt = jax.jit(lambda x, w: cpu_conv.conv_general_dilated(
         x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN)).lower(x, w).as_text()
     assert "optimization_barrier" not in txt
+
+
+@pytest.mark.parametrize("env, enabled", [("xla", False), ("fast", True), ("", True)])
+def test_the_switch_reads_the_environment_and_logs_its_decision(monkeypatch, caplog, env, enabled):
+    """DVP_CPU_CONV decides (unset: on for the CPU backend these tests run on), once, logged."""
+    import logging
+    monkeypatch.setenv("DVP_CPU_CONV", env)
+    cpu_conv.use_fast_cpu_conv(None)  # Decide again on the next use.
+    with caplog.at_level(logging.INFO, logger="dvp_jax"):
+        assert cpu_conv.fast_cpu_conv_enabled() is enabled
+        assert cpu_conv.fast_cpu_conv_enabled() is enabled  # Logged once, not per call.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("convolutions:")]
+    assert len(lines) == 1 and ("cpu_conv" in lines[0]) == enabled, lines
+    assert (f"DVP_CPU_CONV={env}" in lines[0]) if env else ("'cpu' backend" in lines[0])

@@ -20,9 +20,12 @@ Measured on XLA:CPU (jax 0.10.2, 1 core, batch 64, float32):
 Results are the same math (summation order may differ: ~1e-6 relative in float32).
 
 Used only for 2-D NHWC/HWIO/NHWC convs with no dilation and no feature/batch groups, and only
-when enabled; everything else calls ``lax.conv_general_dilated`` unchanged. Enabled by default
-only when the default JAX backend is 'cpu'; override with ``use_fast_cpu_conv(True/False)`` or
-the environment variable ``DVP_CPU_CONV`` = 'fast' | 'xla' (read once, at first use).
+when enabled; everything else calls ``lax.conv_general_dilated`` unchanged. The switch is
+explicit and logged: enabled by default only when the default JAX backend is 'cpu' (so GPU/TPU
+runs never take it); override with the environment variable ``DVP_CPU_CONV`` = 'fast' | 'xla'
+(read once, at first use) or ``use_fast_cpu_conv(True/False)``. The decision and its reason are
+logged once ("convolutions: ..." in log.txt). tests/test_cpu_conv.py checks the two paths
+against each other (forward and both gradients).
 
 Wiring: ``nn.Conv(..., conv_general_dilated=cpu_conv.conv_general_dilated)`` (parameters
 are unchanged: 'kernel' HWIO, optional 'bias'), or the ``Conv`` module below.
@@ -30,6 +33,7 @@ are unchanged: 'kernel' HWIO, optional 'bias'), or the ``Conv`` module below.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any, Sequence
 
@@ -55,13 +59,17 @@ def fast_cpu_conv_enabled() -> bool:
     if _ENABLED is None:
         env = os.environ.get("DVP_CPU_CONV", "").strip().lower()
         if env in ("fast", "patches", "1", "true", "on"):
-            _ENABLED = True
+            _ENABLED, why = True, f"DVP_CPU_CONV={env}"
         elif env in ("xla", "0", "false", "off"):
-            _ENABLED = False
+            _ENABLED, why = False, f"DVP_CPU_CONV={env}"
         elif env:
             raise ValueError(f"DVP_CPU_CONV={env!r}; use 'fast' or 'xla'.")
         else:
             _ENABLED = jax.default_backend() == "cpu"
+            why = f"default for the {jax.default_backend()!r} backend; DVP_CPU_CONV=fast|xla sets it"
+        logging.getLogger("dvp_jax").info(
+            "convolutions: %s (%s)", "dvp_jax.models.cpu_conv's CPU formulations" if _ENABLED
+            else "XLA's lax.conv_general_dilated", why)
     return _ENABLED
 
 
