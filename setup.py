@@ -34,7 +34,9 @@ setup(
                  "self-distillation) and SEED, in JAX/Flax"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["dvp_jax", "dvp_jax.*"]),
+    # configs/ is a package too: a config file loaded by path (--config=configs/FILE.py) imports
+    # its siblings and configs/common.py as `from configs import ...` from any directory.
+    packages=find_packages(include=["dvp_jax", "dvp_jax.*", "configs"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={

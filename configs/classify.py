@@ -41,19 +41,11 @@ input.cutout (its --cutout: image_size // 4), input.auto_augment='cifar10_releas
 """
 import ml_collections
 
+from configs import common
 from dvp_jax import config_base
 
-PRESETS = ("supervised_digits", "linear_digits", "finetune_digits", "runlocal", "linear_runlocal",
-           "finetune_runlocal", "supervised", "linear", "finetune", "vipriors_448",
-           "vipriors_resnext101")
-
-
 def classify_section() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.label_smoothing = 0.0  # CE target (1 - e) * onehot + e / N.
-    # Mixup's Beta(alpha, alpha); 0 = off. The DVP release's --mixup is 1.0 (Phase 2: the
-    # teacher distils on the mixed images too).
-    c.mixup_alpha = 0.0
+    c = common.classify_section()  # label_smoothing, mixup_alpha (shared with Phase 2).
     # 'finetune' / 'linear': the Phase-1 checkpoint directory (WORKDIR/checkpoints of a moco run,
     # or a converted PyTorch checkpoint); its projection head is dropped.
     c.init_checkpoint = ""
@@ -83,45 +75,73 @@ def digits_model(config) -> None:
     config.loop.log_every_steps = 20
 
 
-def get_config(arg: str = "supervised_digits") -> ml_collections.ConfigDict:
-    preset = arg or "supervised_digits"
-    if preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r} for configs/classify.py; "
-                         f"allowed: {', '.join(PRESETS)}.")
+def base() -> ml_collections.ConfigDict:
     config = config_base.base_config("supervised")
     config.classify = classify_section()
-    if preset.endswith("_digits"):
-        trainer = preset[:-len("_digits")]
-        digits_model(config)
-        # ~7 steps per epoch (500 images / 64); a CPU step of this model takes ~0.1-0.2 s.
-        config.num_epochs = {"supervised": 30.0, "linear": 30.0, "finetune": 30.0}[trainer]
-        config.loop.eval_every_epochs = 10.0
-        set_recipe(config, trainer)
-        if trainer == "linear":
-            # Chosen on val (seed 0, 20 epochs of readout on the 40-epoch configs/moco.py:digits
-            # encoder, k-NN 89.0): lr 0.3 / 3 / 30 per 256 gave 76.8 / 78.8 / 79.4 - within
-            # noise of each other; 30 (MoCo's lincls) dipped to 48.8 on the way (unstable), 0.3
-            # was still rising. 3.0 is in between. The readout stays below the k-NN: it trains on
-            # the classification crops (area 0.08-1, fragments of an 8x8 digit), the k-NN's
-            # bank is the uncropped train images.
-            config.optim.base_lr = 3.0
-        if trainer != "supervised":
-            config.classify.init_checkpoint = "runs/moco_digits/checkpoints"
-    elif preset.endswith("runlocal"):
-        trainer = "supervised" if preset == "runlocal" else preset[:-len("_runlocal")]
-        config_base.runlocal_data_and_model(config)
-        set_recipe(config, trainer)
-        if trainer != "supervised":
-            config.classify.init_checkpoint = "runs/moco_runlocal/checkpoints"
-    else:
-        config_base.vipriors_data_and_model(config)
-        trainer = preset if preset in ("supervised", "linear", "finetune") else "finetune"
-        set_recipe(config, trainer)
-        if trainer != "supervised":
-            config.classify.init_checkpoint = "runs/moco_vipriors/checkpoints"
-        if preset == "vipriors_448":
-            config.input.image_size = 448
-        elif preset == "vipriors_resnext101":
-            config.model.name = "resnext101_32x8d"
-            config.classify.init_checkpoint = "runs/moco_vipriors_resnext101/checkpoints"
     return config
+
+
+def digits_preset(trainer: str) -> ml_collections.ConfigDict:
+    """'<trainer>_digits': 30 epochs on the embedded digits (configs/moco.py:digits's data)."""
+    config = base()
+    digits_model(config)
+    # ~7 steps per epoch (500 images / 64); a CPU step of this model takes ~0.1-0.2 s.
+    config.num_epochs = 30.0
+    config.loop.eval_every_epochs = 10.0
+    set_recipe(config, trainer)
+    if trainer == "linear":
+        # Chosen on val (seed 0, 20 epochs of readout on the 40-epoch configs/moco.py:digits
+        # encoder, k-NN 89.0): lr 0.3 / 3 / 30 per 256 gave 76.8 / 78.8 / 79.4 - within
+        # noise of each other; 30 (MoCo's lincls) dipped to 48.8 on the way (unstable), 0.3
+        # was still rising. 3.0 is in between. The readout stays below the k-NN: it trains on
+        # the classification crops (area 0.08-1, fragments of an 8x8 digit), the k-NN's
+        # bank is the uncropped train images.
+        config.optim.base_lr = 3.0
+    if trainer != "supervised":
+        config.classify.init_checkpoint = "runs/moco_digits/checkpoints"
+    return config
+
+
+def runlocal_preset(trainer: str) -> ml_collections.ConfigDict:
+    """'runlocal' (supervised) / '<trainer>_runlocal': a few steps on tiny synthetic images."""
+    config = base()
+    config_base.runlocal_data_and_model(config)
+    set_recipe(config, trainer)
+    if trainer != "supervised":
+        config.classify.init_checkpoint = "runs/moco_runlocal/checkpoints"
+    return config
+
+
+def vipriors_preset(trainer: str, *, image_size: int = 224,
+                    model: str = "") -> ml_collections.ConfigDict:
+    """The paper's runs on the VIPriors folder (ResNet-50 unless ``model``)."""
+    config = base()
+    config_base.vipriors_data_and_model(config)
+    set_recipe(config, trainer)
+    if trainer != "supervised":
+        config.classify.init_checkpoint = "runs/moco_vipriors/checkpoints"
+    if image_size != 224:
+        config.input.image_size = image_size
+    if model:
+        config.model.name = model
+        config.classify.init_checkpoint = "runs/moco_vipriors_resnext101/checkpoints"
+    return config
+
+
+PRESETS = {
+    "supervised_digits": lambda: digits_preset("supervised"),
+    "linear_digits": lambda: digits_preset("linear"),
+    "finetune_digits": lambda: digits_preset("finetune"),
+    "runlocal": lambda: runlocal_preset("supervised"),
+    "linear_runlocal": lambda: runlocal_preset("linear"),
+    "finetune_runlocal": lambda: runlocal_preset("finetune"),
+    "supervised": lambda: vipriors_preset("supervised"),
+    "linear": lambda: vipriors_preset("linear"),
+    "finetune": lambda: vipriors_preset("finetune"),
+    "vipriors_448": lambda: vipriors_preset("finetune", image_size=448),
+    "vipriors_resnext101": lambda: vipriors_preset("finetune", model="resnext101_32x8d"),
+}
+
+
+def get_config(arg: str = "supervised_digits") -> ml_collections.ConfigDict:
+    return common.get_preset(PRESETS, arg, default="supervised_digits", filename="classify.py")

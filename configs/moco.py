@@ -23,6 +23,7 @@ without it (loss_nomargin, contrast_acc_nomargin: the pretext task itself).
 """
 import ml_collections
 
+from configs import common
 from dvp_jax import config_base
 
 
@@ -89,7 +90,8 @@ def digits_recipe(config) -> None:
     config.loop.eval_every_epochs = 10.0
 
 
-def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
+def base() -> ml_collections.ConfigDict:
+    """The MoCo v2 + margin trainer with the library defaults (ImageNet's recipe)."""
     config = config_base.base_config("moco")
     config.moco = config_base.moco_config()
     # True: the head's outputs minus their batch mean before the L2 normalisation (queries and
@@ -98,27 +100,42 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     config.moco.center_embeddings = False
     config.knn = config_base.knn_config()
     config.optim = config_base.optim_config(base_lr=0.03, weight_decay=1e-4)
-    preset = arg or "digits"
-    if preset == "digits":
-        digits_recipe(config)
-    elif preset == "runlocal":
-        config_base.runlocal_data_and_model(config)
-        config.moco.queue_size = 64
-        config.moco.projection_dims = (32, 16)
-        config.knn.k = 10
-    elif preset == "vipriors":
-        config.input.source = "folder:data/vipriors"
-        config.input.augment_on = "device"  # Two 224 px views per image, made on the GPUs.
-        config.model.dtype = "bfloat16"  # Accelerator runs: bf16 compute, fp32 params/BN/losses.
-        config.input.image_size = 224
-        config.model.name = "resnet50"
-        config.batch_size = 256
-        config.moco.queue_size = 4096
-        config.num_epochs = 800.0
-        config.loop.checkpoint_every_steps = 2000
-        config.loop.log_every_steps = 100
-        config.loop.eval_every_epochs = 20.0
-    else:
-        raise ValueError(f"Unknown preset {preset!r} for configs/moco.py; "
-                         "allowed: digits, runlocal, vipriors.")
     return config
+
+
+def digits() -> ml_collections.ConfigDict:
+    config = base()
+    digits_recipe(config)
+    return config
+
+
+def runlocal() -> ml_collections.ConfigDict:
+    config = base()
+    config_base.runlocal_data_and_model(config)
+    config.moco.queue_size = 64
+    config.moco.projection_dims = (32, 16)
+    config.knn.k = 10
+    return config
+
+
+def vipriors() -> ml_collections.ConfigDict:
+    config = base()
+    config.input.source = "folder:data/vipriors"
+    config.input.augment_on = "device"  # Two 224 px views per image, made on the GPUs.
+    config.model.dtype = "bfloat16"  # Accelerator runs: bf16 compute, fp32 params/BN/losses.
+    config.input.image_size = 224
+    config.model.name = "resnet50"
+    config.batch_size = 256
+    config.moco.queue_size = 4096
+    config.num_epochs = 800.0
+    config.loop.checkpoint_every_steps = 2000
+    config.loop.log_every_steps = 100
+    config.loop.eval_every_epochs = 20.0
+    return config
+
+
+PRESETS = {"digits": digits, "runlocal": runlocal, "vipriors": vipriors}
+
+
+def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
+    return common.get_preset(PRESETS, arg, default="digits", filename="moco.py")

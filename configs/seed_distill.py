@@ -64,6 +64,7 @@ Paper vs released code (jacobswan1/SEED):
 """
 import ml_collections
 
+from configs import common
 from dvp_jax import config_base
 
 
@@ -90,7 +91,9 @@ def knn_section() -> ml_collections.ConfigDict:
     return c
 
 
-def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
+def base() -> ml_collections.ConfigDict:
+    """SEED's recipe: SGD lr 0.03 per 256, per-epoch cosine after 5 warm-up epochs, 200 epochs,
+    SEED's own student definitions."""
     config = config_base.base_config("seed_distill")
     config.seed_distill = seed_section()
     config.knn = knn_section()
@@ -98,36 +101,51 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     config.optim.schedule = "seed_epoch_cosine"  # SEED's adjust_learning_rate (per epoch).
     config.optim.warmup_epochs = 5.0
     config.num_epochs = 200.0
-    config.model.variant = "seed_distill"  # SEED's MobileNetV3 / EfficientNet-B0 (ResNets: no change).
-    preset = arg or "digits"
-    if preset == "digits":
-        config_base.digits_data_and_model(config)
-        config.model.width_multiplier = config_base.DIGITS_WIDTH / 2  # Half the teacher's width.
-        config.seed_distill.queue_size = 1024
-        config.num_epochs = 40.0
-        config.loop.checkpoint_every_steps = 200
-        config.loop.log_every_steps = 20
-        config.loop.eval_every_epochs = 20.0
-    elif preset == "runlocal":
-        config_base.runlocal_data_and_model(config)
-        config.seed_distill.queue_size = 64
-        config.seed_distill.hidden_dim = 32
-        config.knn.k = 10
-        config.optim.warmup_epochs = 1.0
-    elif preset == "imagenet":
-        config.input.source = "tfds:imagenet2012"
-        config.model.dtype = "bfloat16"  # Accelerator runs: bf16 compute, fp32 params/BN/losses.
-        config.input.eval_split = "validation"
-        config.input.image_size = 224
-        config.model.name = "resnet18"
-        config.batch_size = 256
-        config.seed_distill.queue_size = 65536
-        config.num_epochs = 200.0
-        config.knn.teacher = False
-        config.loop.checkpoint_every_steps = 2000
-        config.loop.log_every_steps = 100
-        config.loop.eval_every_epochs = 0.0  # k-NN over 1.28M train images: at the end only.
-    else:
-        raise ValueError(f"Unknown preset {preset!r} for configs/seed_distill.py; "
-                         "allowed: digits, runlocal, imagenet.")
+    config.model.variant = "seed_distill"  # SEED's MobileNetV3 / EfficientNet-B0 (ResNets: same).
     return config
+
+
+def digits() -> ml_collections.ConfigDict:
+    config = base()
+    config_base.digits_data_and_model(config)
+    config.model.width_multiplier = config_base.DIGITS_WIDTH / 2  # Half the teacher's width.
+    config.seed_distill.queue_size = 1024
+    config.num_epochs = 40.0
+    config.loop.checkpoint_every_steps = 200
+    config.loop.log_every_steps = 20
+    config.loop.eval_every_epochs = 20.0
+    return config
+
+
+def runlocal() -> ml_collections.ConfigDict:
+    config = base()
+    config_base.runlocal_data_and_model(config)
+    config.seed_distill.queue_size = 64
+    config.seed_distill.hidden_dim = 32
+    config.knn.k = 10
+    config.optim.warmup_epochs = 1.0
+    return config
+
+
+def imagenet() -> ml_collections.ConfigDict:
+    config = base()
+    config.input.source = "tfds:imagenet2012"
+    config.model.dtype = "bfloat16"  # Accelerator runs: bf16 compute, fp32 params/BN/losses.
+    config.input.eval_split = "validation"
+    config.input.image_size = 224
+    config.model.name = "resnet18"
+    config.batch_size = 256
+    config.seed_distill.queue_size = 65536
+    config.num_epochs = 200.0
+    config.knn.teacher = False
+    config.loop.checkpoint_every_steps = 2000
+    config.loop.log_every_steps = 100
+    config.loop.eval_every_epochs = 0.0  # k-NN over 1.28M train images: at the end only.
+    return config
+
+
+PRESETS = {"digits": digits, "runlocal": runlocal, "imagenet": imagenet}
+
+
+def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
+    return common.get_preset(PRESETS, arg, default="digits", filename="seed_distill.py")

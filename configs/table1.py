@@ -34,10 +34,9 @@ encoder whose BN statistics were never fitted would be an unfairly weak baseline
 
 Choice of the digits split (tuned on val, never on test): see the comment above DIGITS_EPOCHS.
 """
-import importlib.util
-import os
-
 import ml_collections
+
+from configs import classify, common, distill, moco
 
 # The digits split: 50 train / 50 val / 50 test images per class (500 each; scikit-learn's
 # 1,797 images allow ~174 per class): VIPriors' own 50 images per class, so labels are scarce -
@@ -72,17 +71,8 @@ preset's 40 epochs give it 80.9).
 DISTILL_SWEEP = (1e-3, 1e-1, 1.0)
 
 
-def _sibling(name: str):
-    """Loads configs/<name>.py beside this file (configs are plain files, not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"dvp_jax_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _stages(size: str) -> ml_collections.ConfigDict:
-    moco, classify, distill = _sibling("moco"), _sibling("classify"), _sibling("distill")
+    """Each stage's full trainer config, from the presets of moco.py / classify.py / distill.py."""
     stages = ml_collections.ConfigDict()
     if size == "runlocal":
         stages.moco = moco.get_config("runlocal")
@@ -91,28 +81,18 @@ def _stages(size: str) -> ml_collections.ConfigDict:
             classify.set_recipe(c, trainer)
             stages[trainer] = c
         stages.distill = distill.get_config("runlocal")
-    elif size == "digits":
-        stages.moco = moco.get_config("digits")
+    else:  # 'digits' or 'vipriors'
+        stages.moco = moco.get_config(size)
         for trainer in ("supervised", "linear", "finetune"):
-            stages[trainer] = classify.get_config(f"{trainer}_digits")
-        stages.distill = distill.get_config("digits")
-    elif size == "vipriors":
-        stages.moco = moco.get_config("vipriors")
-        for trainer in ("supervised", "linear", "finetune"):
-            stages[trainer] = classify.get_config(trainer)
-        stages.distill = distill.get_config("vipriors")
-    else:
-        raise ValueError(size)
+            stages[trainer] = classify.get_config(f"{trainer}_digits" if size == "digits"
+                                                  else trainer)
+        stages.distill = distill.get_config(size)
     return stages
 
 
-def get_config(arg: str = "default") -> ml_collections.ConfigDict:
-    preset = arg or "default"
-    allowed = ("default", "full", "vipriors", "cifar10", "runlocal")
-    if preset not in allowed:
-        raise ValueError(f"Unknown preset {preset!r} for configs/table1.py; "
-                         f"allowed: {', '.join(allowed)}.")
-    size = {"default": "digits", "full": "digits", "cifar10": "digits"}.get(preset, preset)
+def base(size: str) -> ml_collections.ConfigDict:
+    """Table 1 over the stage presets of ``size`` ('digits', 'vipriors' or 'runlocal'): 5 seeds,
+    val and test, every stage, no lambda sweep."""
     config = ml_collections.ConfigDict()
     config.experiment = "table1"
     config.seeds = (0, 1, 2, 3, 4)
@@ -130,32 +110,56 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     config.loop = ml_collections.ConfigDict()
     for key, value in config.stages.moco.loop.items():
         config.loop[key] = ml_collections.config_dict.placeholder(type(value))
-    if preset in DIGITS_EPOCHS:
-        for name, epochs in DIGITS_EPOCHS[preset].items():
-            _set_epochs(config.stages[name], epochs)
-    elif preset == "cifar10":
-        # 50 train + 50 val images per class carved from the TFDS train split (split_seed);
-        # 'test' is the full 10,000-image CIFAR-10 test split.
-        config.input.source = "tfds:cifar10"
-        config.input.tfds_train_per_class = 50
-        config.input.tfds_val_per_class = 50
-        config.input.train_split = "train"
-        config.input.eval_split = "val"
-        config.input.image_size = 32  # CIFAR-10 native resolution; same small-stem ResNet-18.
-        config.eval_splits = ("val", "test")
-    elif preset == "vipriors":
-        config.seeds = (0,)
-    elif preset == "runlocal":
-        config.seeds = (0,)
-        config.random_init_bn_epochs = 1.0
-    if preset == "full":
-        config.distill_sweep = DISTILL_SWEEP
     return config
 
 
-def _set_epochs(stage: ml_collections.ConfigDict, epochs: float) -> None:
-    """Sets a stage's length; step schedules keep their decay points at the same fractions."""
-    old = stage.num_epochs
-    stage.num_epochs = epochs
-    if "optim" in stage and stage.optim.schedule == "step":
-        stage.optim.decay_epochs = tuple(e * epochs / old for e in stage.optim.decay_epochs)
+def _digits(preset: str) -> ml_collections.ConfigDict:
+    config = base("digits")
+    for name, epochs in DIGITS_EPOCHS[preset].items():
+        common.set_epochs(config.stages[name], epochs)
+    return config
+
+
+def default() -> ml_collections.ConfigDict:
+    return _digits("default")
+
+
+def full() -> ml_collections.ConfigDict:
+    config = _digits("full")
+    config.distill_sweep = DISTILL_SWEEP
+    return config
+
+
+def cifar10() -> ml_collections.ConfigDict:
+    """50 train + 50 val images per class carved from the TFDS train split (split_seed);
+    'test' is the full 10,000-image CIFAR-10 test split; the digits presets' model."""
+    config = base("digits")
+    config.input.source = "tfds:cifar10"
+    config.input.tfds_train_per_class = 50
+    config.input.tfds_val_per_class = 50
+    config.input.train_split = "train"
+    config.input.eval_split = "val"
+    config.input.image_size = 32  # CIFAR-10 native resolution; same small-stem ResNet-18.
+    config.eval_splits = ("val", "test")
+    return config
+
+
+def vipriors() -> ml_collections.ConfigDict:
+    config = base("vipriors")
+    config.seeds = (0,)
+    return config
+
+
+def runlocal() -> ml_collections.ConfigDict:
+    config = base("runlocal")
+    config.seeds = (0,)
+    config.random_init_bn_epochs = 1.0
+    return config
+
+
+PRESETS = {"default": default, "full": full, "vipriors": vipriors, "cifar10": cifar10,
+           "runlocal": runlocal}
+
+
+def get_config(arg: str = "default") -> ml_collections.ConfigDict:
+    return common.get_preset(PRESETS, arg, default="default", filename="table1.py")
