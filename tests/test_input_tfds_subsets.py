@@ -1,5 +1,4 @@
 """VIPriors-style per-class subsets of TFDS data sets (input.tfds_train_per_class > 0), fake TFDS."""
-import importlib.util
 import itertools
 import os
 
@@ -186,11 +185,7 @@ def test_zero_per_class_keeps_plain_tfds_and_config_keys(data_dir):
     plain = sources.get_source(_config(data_dir, train=0))
     assert type(plain) is source_tfds.TfdsSource
     assert plain.info("train").num_examples == len(GEN_LABELS)
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "pipeline.py")
-    spec = importlib.util.spec_from_file_location("dvp_jax_configs_pipeline_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from configs import table1 as module
     config = module.get_config("cifar10")
     assert config.input.source == "tfds:cifar10"
     assert (config.input.tfds_train_per_class, config.input.tfds_val_per_class) == (50, 50)
