@@ -26,6 +26,10 @@ def _loss(conv_fn, s, p):
     return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
 
 
+# Tolerance 1e-4 (max abs difference / max abs reference): both paths compute the same sums in
+# float32 (eps 1.2e-7), only in another order; with at most a few hundred terms per output
+# (7*7*3 forward, B*Ho*Wo per weight-gradient entry) the rounding differences stay ~1e-6 of
+# the largest value. A wrong padding, stride, flip or transpose gives differences of order 1.
 def _rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30)
@@ -107,3 +111,42 @@ def test_the_switch_reads_the_environment_and_logs_its_decision(monkeypatch, cap
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("convolutions:")]
     assert len(lines) == 1 and ("cpu_conv" in lines[0]) == enabled, lines
     assert (f"DVP_CPU_CONV={env}" in lines[0]) if env else ("'cpu' backend" in lines[0])
+
+
+def test_a_resnet_computes_the_same_with_the_switch_on_and_off():
+    """The model the digits presets train, run once through each path (the switch is read when
+    a function is traced, so each path gets its own jitted function), gives the same outputs and
+    gradients. Stage 4 of a small-stem ResNet-18 on 16 px is 2x2, so the small-spatial forward,
+    the written-out input-gradient and the 1x1 matmul weight-gradient are all exercised.
+
+    Tolerance: both paths compute the same sums in float32 (unit roundoff 6e-8) and differ only
+    in summation order; the longest reduction here has 3 * 3 * 32 = 288 terms (a conv) or
+    2 * 8 * 8 = 128 (a 1x1 weight-gradient), so one layer's relative difference is at most
+    ~288 * 6e-8 = 2e-5 in the worst case (~1e-6 typically); 1e-4 of each array's largest value
+    leaves room for that to compound over the 20 convolutions forward and backward, while a
+    wrong padding, stride or flipped kernel gives differences of order 1."""
+    from dvp_jax import models
+    model = models.build("resnet18", small_stem=True, width_multiplier=0.0625,
+                         projection_dims=(16, 8))
+    x = jax.random.normal(jax.random.key(3), (2, 16, 16, 3), jnp.float32)
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def run():  # A new function each time: jit's cache must not reuse the other path's trace.
+        def loss(params, x):
+            out = model.apply({**variables, "params": params}, x, train=False)
+            return jnp.sum(jnp.sin(out["projection"])), out["pooled"]
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        text = fn.lower(variables["params"], x).as_text()
+        return fn(variables["params"], x), "optimization_barrier" in text
+
+    cpu_conv.use_fast_cpu_conv(True)
+    ((_, pooled_fast), grads_fast), barrier_fast = run()
+    cpu_conv.use_fast_cpu_conv(False)
+    ((_, pooled_xla), grads_xla), barrier_xla = run()
+    assert barrier_fast and not barrier_xla  # The two runs really took different paths.
+    assert _rel(pooled_xla, pooled_fast) < 1e-4
+    flat_fast = jax.tree_util.tree_leaves_with_path(grads_fast)
+    flat_xla = jax.tree_util.tree_leaves(grads_xla)
+    assert len(flat_fast) == len(flat_xla) > 40
+    for (path, a), r in zip(flat_fast, flat_xla):
+        assert _rel(r, a) < 1e-4, (jax.tree_util.keystr(path), _rel(r, a))
