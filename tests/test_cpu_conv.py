@@ -122,9 +122,9 @@ def test_a_resnet_computes_the_same_with_the_switch_on_and_off():
     Tolerance: both paths compute the same sums in float32 (unit roundoff 6e-8) and differ only
     in summation order; the longest reduction here has 3 * 3 * 32 = 288 terms (a conv) or
     2 * 8 * 8 = 128 (a 1x1 weight-gradient), so one layer's relative difference is at most
-    ~288 * 6e-8 = 2e-5 in the worst case (measured here: at most 1.6e-6 over the 66 arrays); 1e-4 of each array's largest value
-    leaves room for that to compound over the 20 convolutions forward and backward, while a
-    wrong padding, stride or flipped kernel gives differences of order 1."""
+    ~288 * 6e-8 = 2e-5 in the worst case; 1e-4 of each array's largest value leaves room for
+    that to compound over the 20 convolutions forward and backward (measured: at most 1.6e-6
+    over the 66 arrays), while a wrong padding, stride or flipped kernel differs by order 1."""
     from dvp_jax import models
     model = models.build("resnet18", small_stem=True, width_multiplier=0.0625,
                          projection_dims=(16, 8))
