@@ -69,8 +69,8 @@ def set_recipe(config, trainer: str) -> None:
 
 
 def digits_model(config) -> None:
-    """configs/moco.py:digits's data and backbone (config_base.digits_data_and_model)."""
-    config_base.digits_data_and_model(config)
+    """configs/moco.py:digits's data and backbone (common.digits_data_and_model)."""
+    common.digits_data_and_model(config)
     config.loop.checkpoint_every_steps = 200
     config.loop.log_every_steps = 20
 
@@ -105,7 +105,7 @@ def digits_preset(trainer: str) -> ml_collections.ConfigDict:
 def runlocal_preset(trainer: str) -> ml_collections.ConfigDict:
     """'runlocal' (supervised) / '<trainer>_runlocal': a few steps on tiny synthetic images."""
     config = base()
-    config_base.runlocal_data_and_model(config)
+    common.runlocal_data_and_model(config)
     set_recipe(config, trainer)
     if trainer != "supervised":
         config.classify.init_checkpoint = "runs/moco_runlocal/checkpoints"
@@ -116,7 +116,7 @@ def vipriors_preset(trainer: str, *, image_size: int = 224,
                     model: str = "") -> ml_collections.ConfigDict:
     """The paper's runs on the VIPriors folder (ResNet-50 unless ``model``)."""
     config = base()
-    config_base.vipriors_data_and_model(config)
+    common.vipriors_data_and_model(config)
     set_recipe(config, trainer)
     if trainer != "supervised":
         config.classify.init_checkpoint = "runs/moco_vipriors/checkpoints"

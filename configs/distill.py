@@ -95,7 +95,7 @@ def _with_decay(config) -> ml_collections.ConfigDict:
 
 def digits(ofd: bool = False) -> ml_collections.ConfigDict:
     config = base()
-    config_base.digits_data_and_model(config)
+    common.digits_data_and_model(config)
     config.num_epochs = 30.0
     config.loop.checkpoint_every_steps = 200
     config.loop.log_every_steps = 20
@@ -116,7 +116,7 @@ def digits(ofd: bool = False) -> ml_collections.ConfigDict:
 
 def runlocal() -> ml_collections.ConfigDict:
     config = base()
-    config_base.runlocal_data_and_model(config)
+    common.runlocal_data_and_model(config)
     config.distill.teacher_checkpoint = "runs/moco_runlocal/checkpoints"
     return _with_decay(config)
 
@@ -125,7 +125,7 @@ def vipriors(*, ofd: bool = False, image_size: int = 224, resnext: bool = False,
              tricks: bool = False) -> ml_collections.ConfigDict:
     """The paper's Phase 2 on the VIPriors folder, with the paper's tricks as options."""
     config = base()
-    config_base.vipriors_data_and_model(config)
+    common.vipriors_data_and_model(config)
     config.distill.teacher_checkpoint = "runs/moco_vipriors/checkpoints"
     if ofd:
         use_ofd(config)

@@ -73,7 +73,7 @@ def digits_recipe(config) -> None:
       15-minute budget is split).
     - k-NN monitor k = 20 (MoCo's 200 is for 5,000 images per class; digits have 50).
     """
-    config_base.digits_data_and_model(config)
+    common.digits_data_and_model(config)
     config.input.moco_crop_scale = (0.5, 1.0)
     config.input.moco_blur_prob = 0.0
     config.moco.queue_size = 384
@@ -111,7 +111,7 @@ def digits() -> ml_collections.ConfigDict:
 
 def runlocal() -> ml_collections.ConfigDict:
     config = base()
-    config_base.runlocal_data_and_model(config)
+    common.runlocal_data_and_model(config)
     config.moco.queue_size = 64
     config.moco.projection_dims = (32, 16)
     config.knn.k = 10

@@ -107,8 +107,8 @@ def base() -> ml_collections.ConfigDict:
 
 def digits() -> ml_collections.ConfigDict:
     config = base()
-    config_base.digits_data_and_model(config)
-    config.model.width_multiplier = config_base.DIGITS_WIDTH / 2  # Half the teacher's width.
+    common.digits_data_and_model(config)
+    config.model.width_multiplier = common.DIGITS_WIDTH / 2  # Half the teacher's width.
     config.seed_distill.queue_size = 1024
     config.num_epochs = 40.0
     config.loop.checkpoint_every_steps = 200
@@ -119,7 +119,7 @@ def digits() -> ml_collections.ConfigDict:
 
 def runlocal() -> ml_collections.ConfigDict:
     config = base()
-    config_base.runlocal_data_and_model(config)
+    common.runlocal_data_and_model(config)
     config.seed_distill.queue_size = 64
     config.seed_distill.hidden_dim = 32
     config.knn.k = 10

@@ -42,7 +42,7 @@ from configs import classify, common, distill, moco
 # 1,797 images allow ~174 per class): VIPriors' own 50 images per class, so labels are scarce -
 # supervised training from scratch fits the 500 train images and stays well below what the
 # digits allow. Phase 1 sees only the same 500 train images (never val or test). 8x8 upsampled
-# to 32 px, ResNet-18 at width 0.125 with the small stem (config_base.digits_data_and_model says
+# to 32 px, ResNet-18 at width 0.125 with the small stem (common.digits_data_and_model says
 # why 32 px: at 16 px Phase 1 did not learn).
 
 # Epochs per stage of the digits presets (500 train images / batch 64 = 7 steps per epoch).
