@@ -134,9 +134,10 @@ def conv(features: int, kernel: int, stride: int = 1, *, groups: int = 1, use_bi
     """A torch-like Conv2d: symmetric padding (kernel - 1) // 2 (or ``padding``, ((top, bottom),
     (left, right))), HWIO float32 kernel.
 
-    On CPU the convolution goes through ``cpu_conv.conv_general_dilated``, which avoids
-    XLA:CPU's slow paths (feature maps smaller than the kernel; 1x1 weight-gradients) with
-    the same results; on GPU/TPU it is XLA's convolution.
+    The convolution goes through ``cpu_conv.conv_general_dilated``: by default on the CPU
+    backend only, its formulations avoid XLA:CPU's slow paths (feature maps smaller than the
+    kernel; 1x1 weight-gradients) with the same results; on GPU/TPU it is XLA's convolution.
+    The environment variable ``DVP_CPU_CONV=fast|xla`` overrides the default (cpu_conv.py).
     """
     p = (kernel - 1) // 2
     pads = ((p, p), (p, p)) if padding is None else tuple(tuple(x) for x in padding)
