@@ -37,17 +37,16 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from typing import Any, Sequence
 
 import jax
 
-from dvp_jax import checkpoints, choices, console, errors, fileio, sharding
-from dvp_jax.evaluators import ensemble, passes
+from dvp_jax import checkpoints, choices, console, errors, sharding
+from dvp_jax.evaluators import accuracy, ensemble, eval_files, multicrop, passes
 from dvp_jax.evaluators import knn as knn_lib
-from dvp_jax.evaluators.members import (EvaluationError, check_members, load_member,
-                                        resolve_checkpoint_dir)
+from dvp_jax.evaluators.data import EvalData, EvaluationError, global_batch_for
+from dvp_jax.evaluators.members import Member, check_members, load_member, resolve_checkpoint_dir
 
 log = logging.getLogger("dvp_jax")
 
@@ -99,22 +98,23 @@ def evaluate_checkpoints(checkpoint_dirs: Sequence[str], *, split: str, input_co
     check_members(members, split, knn=knn, knn_feature=knn_feature, ten_crop=ten_crop)
     if batch_size is None:
         batch_size = (members[0].meta.get("config") or {}).get("batch_size") or DEFAULT_BATCH_SIZE
-    global_batch = passes.global_batch_for(int(batch_size), mesh)
+    global_batch = global_batch_for(int(batch_size), mesh)
 
-    labels, scores = None, None
+    labels = None
     member_results = []
-    log_probs = []  # Per model with a classifier: log of its (crop-averaged) softmax [N, C].
+    classified = []  # Per model with a classifier: its Predictions (scores [N, C]).
     for i, m in enumerate(members):
         log.info("evaluating %s step %d (%s, trainer %s) on %s of %s at %d px%s%s", m.directory,
                  m.step, m.spec.name, m.trainer, split, m.input_config.source,
                  int(m.input_config.image_size), ", ten-crop" if ten_crop else "",
                  f", k-NN (k={knn_k})" if knn else "")
-        res, labels, scores, log_p = _evaluate_member(
+        res, labels, pred = _evaluate_member(
             m, split, labels, f"Model {i} ({m.directory})", ten_crop=ten_crop, knn=knn,
             knn_k=knn_k, knn_temperature=knn_temperature, knn_feature=knn_feature,
-            knn_bank_split=knn_bank_split, global_batch=global_batch, mesh=mesh)
-        if log_p is not None:
-            log_probs.append(log_p)
+            knn_bank_split=knn_bank_split, data=EvalData(m.input_config, global_batch, True),
+            mesh=mesh)
+        if pred is not None:
+            classified.append(pred)
         member_results.append(res)
 
     result: dict[str, Any] = {
@@ -125,11 +125,12 @@ def evaluate_checkpoints(checkpoint_dirs: Sequence[str], *, split: str, input_co
         "ten_crop": bool(ten_crop),
         "batch_size": global_batch,
     }
-    if log_probs:
+    if classified:
         result["num_classes"] = next(m.num_classes for m in members if m.num_classes)
         # One model: its own scores; several: the log of the mean of their softmax.
-        combined = scores if len(members) == 1 else ensemble.combine(log_probs)
-        result.update(passes.accuracy(combined, labels))
+        combined = (classified[0] if len(members) == 1
+                    else ensemble.combine_predictions(classified))
+        result.update(accuracy.top_k(combined.scores, combined.labels))
     if knn:
         result.update(knn_k=int(knn_k), knn_temperature=float(knn_temperature),
                       knn_feature=knn_feature)
@@ -140,62 +141,53 @@ def evaluate_checkpoints(checkpoint_dirs: Sequence[str], *, split: str, input_co
     return result
 
 
-def _evaluate_member(m, split: str, labels, what: str, *, ten_crop: bool, knn: bool,
+def _evaluate_member(m: Member, split: str, labels, what: str, *, ten_crop: bool, knn: bool,
                      knn_k: int, knn_temperature: float, knn_feature: str,
-                     knn_bank_split: str | None, global_batch: int, mesh):
-    """(member's result dict, labels [N], its classifier scores [N, C] and log-softmax [N, C]
-    (None without a classifier)) of one model: its classifier's accuracy (centre crop or
-    ten-crop) and/or its weighted k-NN accuracy."""
+                     knn_bank_split: str | None, data: EvalData, mesh):
+    """(member's result dict, labels [N], its classifier's passes.Predictions or None) of one
+    model: its classifier's accuracy (centre crop or ten-crop) and/or its weighted k-NN
+    accuracy. With both and centre crops, one pass gives the logits and the k-NN queries."""
     res = m.describe()
-    query, scores, log_p = None, None, None
+    model = m.spec.build()
+    pred = None
     if m.num_classes:
-        # Centre pass: logits and the k-NN query features in one go when both are wanted.
-        transform = "ten_crop" if ten_crop else "eval_center"
-        feature = knn_feature if knn and not ten_crop else None
-        scores, query, lab = passes.run_pass(m, split, transform, scores=True, feature=feature,
-                                             global_batch=global_batch, mesh=mesh)
-        labels = passes.same_labels(labels, lab, what)
-        # A ten-crop pass already gives the log of the crops' mean softmax.
-        log_p = scores if ten_crop else ensemble.log_softmax(scores)
-        res.update(passes.accuracy(scores, labels))
+        classifier = (multicrop.TenCropAccuracy(model, data, split, mesh) if ten_crop else
+                      accuracy.Accuracy(model, data, split, mesh,
+                                        feature=knn_feature if knn else None))
+        pred = classifier.predict(m.variables)
+        labels = passes.same_labels(labels, pred.labels, what)
+        res.update(accuracy.top_k(pred.scores, labels))
     if knn:
-        if query is None:
-            _, query, lab = passes.run_pass(m, split, "eval_center", scores=False,
-                                            feature=knn_feature, global_batch=global_batch,
-                                            mesh=mesh)
-            labels = passes.same_labels(labels, lab, what)
         bank_split = knn_bank_split or m.input_config.train_split
-        bank = passes.bank_pass(m, bank_split, knn_feature, global_batch, mesh)
-        acc = knn_lib.knn_accuracy(
-            query, labels, bank, k=knn_k, temperature=knn_temperature, mesh=mesh,
-            min_classes=passes.split_info(m.input_config, bank_split).num_classes)
+        knn_eval = knn_lib.Knn(model, data, split, bank_split, mesh, feature=knn_feature, k=knn_k,
+                           temperature=knn_temperature)
+        query = pred if pred is not None and pred.features is not None else None
+        if query is None:
+            query = knn_eval.predict(m.variables)
+            labels = passes.same_labels(labels, query.labels, what)
+        acc = knn_eval(m.variables, query=query)
         res.update({f"knn_{key}": value for key, value in acc.items()})
-        res.update(knn_bank_split=bank_split, knn_bank_size=int(bank.size))
-        del bank
-    return res, labels, scores, log_p
+        res.update(knn_bank_split=bank_split, knn_bank_size=int(data.info(bank_split).num_examples))
+    return res, labels, pred
+
+
+def _workdir_of(checkpoint_dir: str) -> str:
+    """The folder holding a checkpoint directory (a run's workdir)."""
+    return os.path.dirname(resolve_checkpoint_dir(checkpoint_dir).rstrip("/")) or "."
 
 
 def default_output_path(checkpoint_dir: str, split: str, *, ten_crop: bool = False,
                         ensemble: bool = False) -> str:
     """DIR/../eval_<split>[_tencrop][_ensemble].json (split characters outside [\\w+-] -> '_')."""
-    directory = resolve_checkpoint_dir(checkpoint_dir).rstrip("/")
-    name = "eval_" + re.sub(r"[^\w+\-]", "_", split)
-    name += ("_tencrop" if ten_crop else "") + ("_ensemble" if ensemble else "")
-    return os.path.join(os.path.dirname(directory) or ".", name + ".json")
-
-
-def write_json(result: dict, path: str) -> None:
-    """Writes ``result`` as indented JSON (local path or gs://), creating the parent folder."""
-    fileio.write_json(path, result)
+    return eval_files.offline_eval_path(_workdir_of(checkpoint_dir), split, ten_crop=ten_crop,
+                                        ensemble=ensemble)
 
 
 def training_best_epoch(checkpoint_dir: str, split: str) -> dict | None:
     """The training run's "best val epoch (reference protocol)" record for ``split``
     (WORKDIR/best_<split>.json beside the checkpoints, written by the classification and
     Phase-2 trainers), or None. The evaluated checkpoint itself is the "final" one."""
-    from dvp_jax.evaluators import eval_files
-    workdir = os.path.dirname(resolve_checkpoint_dir(checkpoint_dir).rstrip("/")) or "."
-    return eval_files.read_best(workdir, split)
+    return eval_files.read_best(_workdir_of(checkpoint_dir), split)
 
 
 def summary_line(result: dict) -> str:
@@ -294,7 +286,7 @@ def _main(argv) -> int:
     if jax.process_index() == 0:
         out = f.out or default_output_path(f.checkpoint[0], f.split, ten_crop=f.ten_crop,
                                            ensemble=len(f.checkpoint) > 1)
-        write_json(result, out)
+        eval_files.write_json(out, result)
         print(summary_line(result))
         print(f"wrote {out}")
     return 0

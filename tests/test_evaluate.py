@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dvp_jax import checkpoints, config_base, evaluate, sharding
-from dvp_jax.evaluators import members, passes
+from dvp_jax import checkpoints, config_base, evaluate, features, sharding
+from dvp_jax.evaluators import accuracy, ensemble, eval_files, knn, members, multicrop, passes
+from dvp_jax.evaluators.data import EvalData
 from dvp_jax.models.spec import ModelSpec
 from helpers import REPO, write_checkpoint  # noqa: E402
 
@@ -220,8 +221,9 @@ def test_ten_crop_is_mean_of_crop_softmax(ckpts):
     assert got["top1"] == pytest.approx(ref["top1"]) and got["top5"] == pytest.approx(ref["top5"])
     # The scores themselves: log of the crop-mean softmax.
     member = members.load_member(ckpts["a"])
-    scores, _, _ = passes.run_pass(member, "val", "ten_crop", scores=True, feature=None,
-                                   global_batch=BATCH, mesh=sharding.make_mesh())
+    plugin = multicrop.TenCropAccuracy(member.spec.build(), EvalData(member.input_config, BATCH),
+                                       "val", sharding.make_mesh())
+    scores = plugin.predict(member.variables).scores
     np.testing.assert_allclose(np.exp(scores), probs, rtol=2e-4, atol=1e-6)
 
 
@@ -310,3 +312,78 @@ def test_default_output_path():
     path = evaluate.default_output_path("/w/run/checkpoints/", "train[:10%]", ten_crop=True,
                                         ensemble=True)
     assert path == "/w/run/eval_train__10___tencrop_ensemble.json"
+
+
+# ----------------------------------------------------------------------------- the plug-ins
+
+
+def test_plugins_on_variables_match_numpy(ckpts):
+    """Each plug-in, built once and called on variables, equals the numpy reference; the
+    ensemble of two models is their mean softmax; a shared pass gives the k-NN queries."""
+    mesh = sharding.make_mesh()
+    a, b = members.load_member(ckpts["a"]), members.load_member(ckpts["b"])
+    data = EvalData(a.input_config, BATCH)
+    model = a.spec.build()
+    a_logits, labels = reference_logits(ckpts["a"])
+    b_logits, _ = reference_logits(ckpts["b"])
+    plugin = accuracy.Accuracy(model, data, "val", mesh, feature="pooled")
+    got = plugin(a.variables)
+    assert got == pytest.approx(numpy_topk(a_logits, labels)) and set(got) == {"top1", "top5"}
+    pred = plugin.predict(a.variables)
+    np.testing.assert_allclose(pred.scores, a_logits, rtol=1e-4, atol=1e-4)
+    assert pred.features.shape == (NUM_EXAMPLES, 64) and np.array_equal(pred.labels, labels)
+    pair = ensemble.Ensemble([plugin, accuracy.Accuracy(model, data, "val", mesh)])
+    mean = (softmax(a_logits) + softmax(b_logits)) / 2
+    assert pair([a.variables, b.variables]) == pytest.approx(numpy_topk(mean, labels))
+    with pytest.raises(ValueError, match="1 models' variables for 2"):
+        pair([a.variables])
+    k_nn = knn.Knn(model, data, "val", "train", mesh, k=5, temperature=0.1)
+    ref = reference_knn(ckpts["a"], a.input_config, k=5, temperature=0.1)
+    assert k_nn(a.variables) == pytest.approx(ref)
+    assert k_nn(a.variables, query=pred) == k_nn(a.variables)  # The shared pass's queries.
+
+
+def test_plugin_passes_equal_the_model_outputs_bit_for_bit(ckpts):
+    """The plug-ins' predict functions give exactly what the model's own output gives
+    (features.model_output), so the training loop's numbers did not move."""
+    mesh = sharding.make_mesh()
+    a = members.load_member(ckpts["a"])
+    data = EvalData(a.input_config, BATCH)
+    model = a.spec.build()
+    for key, predict in [("logits", passes.predict_fn(model, logits=True, feature=None)),
+                         ("pooled", passes.predict_fn(model, logits=False, feature="pooled"))]:
+        want, want_labels = features.extract(features.model_output(model, key), a.variables,
+                                             data.batches("val"), mesh)
+        got, got_labels = passes.run_pass(predict, a.variables, data, "val", "eval_center", mesh)
+        assert np.array_equal(got, want) and np.array_equal(got_labels, want_labels)
+    # Equal models share one predict function (one compiled program per architecture).
+    assert passes.predict_fn(a.spec.build(), logits=True, feature=None) is \
+        passes.predict_fn(model, logits=True, feature=None)
+
+
+def test_offline_data_errors_name_the_split(ckpts):
+    """A split that yields no batches: EvaluationError naming it offline, ValueError in the
+    training loop (a bug there)."""
+    mesh = sharding.make_mesh()
+    a = members.load_member(ckpts["a"])
+    model = a.spec.build()
+
+    class Empty(EvalData):
+        def batches(self, split, transform="eval_center"):
+            return iter(())
+
+    with pytest.raises(evaluate.EvaluationError, match="Split 'val' of 'synthetic': .*no batches"):
+        accuracy.Accuracy(model, Empty(a.input_config, BATCH, offline=True), "val", mesh)(
+            a.variables)
+    with pytest.raises(ValueError, match="^The evaluation split yielded no batches") as e:
+        accuracy.Accuracy(model, Empty(a.input_config, BATCH), "val", mesh)(a.variables)
+    assert not isinstance(e.value, evaluate.EvaluationError)
+
+
+def test_eval_json_paths_and_writer(tmp_path):
+    assert eval_files.offline_eval_path("/w", "val[:1.5%]", ten_crop=True) == \
+        "/w/eval_val__1_5___tencrop.json"
+    path = eval_files.write_eval_json(str(tmp_path), {"split": "val[:1.5%]", "top1": 1.0})
+    assert path == str(tmp_path / "eval_val__1.5__.json")
+    assert json.loads((tmp_path / "eval_val__1.5__.json").read_text()) == {
+        "split": "val[:1.5%]", "top1": 1.0}

@@ -3,7 +3,9 @@
 WORKDIR/eval_<split>.json: the latest evaluation of a split (after training: the "final"
 accuracy). WORKDIR/best_<split>.json: the evaluation with the highest top-1 so far, the
 reference code's "best val epoch" protocol ({'top1', 'top5', 'step', 'epoch', 'label', ...}).
-Split names become file-safe with ``split_tag``.
+Split names become file-safe with ``split_tag``. ``python -m dvp_jax.evaluate`` writes
+WORKDIR/eval_<split>[_tencrop][_ensemble].json (``offline_eval_path``). Every eval and best
+JSON is written by ``write_json`` (process 0 only).
 """
 from __future__ import annotations
 
@@ -20,12 +22,28 @@ def split_tag(split: str) -> str:
     return re.sub(r"[^A-Za-z0-9_+.-]", "_", split)
 
 
-def write_eval_json(workdir: str, result: dict) -> str:
-    """Writes ``result`` to WORKDIR/eval_<split>.json (process 0 only); returns the path."""
-    path = os.path.join(workdir, f"eval_{split_tag(result['split'])}.json")
+def write_json(path: str, result: dict) -> str:
+    """Writes ``result`` as indented JSON to ``path`` (local or gs://, parent folders created;
+    process 0 only); returns the path."""
     if jax.process_index() == 0:
         fileio.write_json(path, result)
     return path
+
+
+def write_eval_json(workdir: str, result: dict) -> str:
+    """Writes ``result`` to WORKDIR/eval_<split>.json (process 0 only); returns the path."""
+    return write_json(os.path.join(workdir, f"eval_{split_tag(result['split'])}.json"), result)
+
+
+def offline_eval_path(workdir: str, split: str, *, ten_crop: bool = False,
+                      ensemble: bool = False) -> str:
+    """WORKDIR/eval_<split>[_tencrop][_ensemble].json, the offline evaluation's default output.
+
+    Its split names keep the command line's historical rule (characters outside [\\w+-] ->
+    '_', so '.' too), which differs from ``split_tag`` only for '.' and non-ASCII letters."""
+    name = "eval_" + re.sub(r"[^\w+\-]", "_", split)
+    name += ("_tencrop" if ten_crop else "") + ("_ensemble" if ensemble else "")
+    return os.path.join(workdir, name + ".json")
 
 
 BEST_LABEL = "best val epoch (reference protocol)"
@@ -70,6 +88,6 @@ class BestEpoch:
             self.best = saved if saved and saved["step"] <= result["step"] else None
         if better_or_equal(result, self.best):
             self.best = result
-            if self.workdir is not None and jax.process_index() == 0:
-                fileio.write_json(best_json_path(self.workdir, self.split), result)
+            if self.workdir is not None:
+                write_json(best_json_path(self.workdir, self.split), result)
         return self.best

@@ -15,12 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dvp_jax import checkpoints, config_base, errors, pretrained, sharding
+from dvp_jax import checkpoints, config_base, pretrained, sharding
+from dvp_jax.evaluators.data import EvaluationError, split_info
 from dvp_jax.models.spec import ModelSpec
-
-
-class EvaluationError(errors.UserError, ValueError):
-    """The checkpoints and options asked for cannot be evaluated; the message says why."""
 
 
 def resolve_checkpoint_dir(path: str) -> str:
@@ -169,8 +166,3 @@ def check_members(members: list[Member], split: str, *, knn: bool, knn_feature: 
             raise EvaluationError(f"knn_feature='projection' but {', '.join(no_head)} has no "
                                   f"projection head; use knn_feature='pooled'.")
 
-
-def split_info(input_config, split: str):
-    """The source's SplitInfo of ``split`` (num_examples, num_classes)."""
-    from dvp_jax.input import sources
-    return sources.get_source(input_config).info(split)

@@ -1,110 +1,96 @@
-"""One pass of a model over a split: the predict functions and the passes evaluators run.
+"""One pass of a model over a split: the predict functions and what a pass returns.
 
 A pass returns host numpy arrays identical on every process (padding dropped); a k-NN bank
 pass returns a metrics.ShardedBank whose rows stay split over the devices.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import logging
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dvp_jax import features, metrics, sharding
-from dvp_jax.evaluators.members import EvaluationError, Member, split_info
-from dvp_jax.models.spec import ModelSpec
-
-log = logging.getLogger("dvp_jax")
+from dvp_jax import features, metrics
+from dvp_jax.evaluators.data import EvalData, EvaluationError
 
 
-def log_mean_softmax(logits: jax.Array, axis: int) -> jax.Array:
-    """log(mean over ``axis`` of softmax(logits)), computed stably: [..., n, ..., C] -> [..., C]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jax.scipy.special.logsumexp(logp, axis=axis) - jnp.log(logits.shape[axis])
+@dataclasses.dataclass
+class Predictions:
+    """One pass over a split (or an ensemble's combination of passes), padding dropped.
 
-
-def make_predict(model, *, scores: bool, feature: str | None) -> features.PredictFn:
-    """(variables, images) -> float32 [B, C + D], the outputs one pass needs side by side.
-
-    The first C columns (if ``scores``): logits for images [B, S, S, 3]; for ten-crop images
-    [B, 10, S, S, 3] the log of the mean over crops of the softmax. The last D columns (if
-    ``feature``): that output ('pooled' / 'projection') of centre crops ([B, S, S, 3] only).
+    labels: int32 [N].
+    scores: float32 [N, C] class scores or None: logits, or log-probabilities when
+      ``scores_are_log_probs`` (ten-crop: log of the crops' mean softmax; ensemble: log of the
+      models' mean softmax).
+    features: float32 [N, D] (a model output, e.g. 'pooled': the k-NN query) or None.
     """
-    logits_of = features.model_output(model, "logits")
+    labels: np.ndarray
+    scores: np.ndarray | None = None
+    features: np.ndarray | None = None
+    scores_are_log_probs: bool = False
 
+    def log_probs(self) -> np.ndarray:
+        """float32 [N, C]: log-probabilities of the classes (log softmax of logits)."""
+        return self.scores if self.scores_are_log_probs else log_softmax(self.scores)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis of logits [N, C] (host numpy in, host numpy out)."""
+    return np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
+
+
+@functools.lru_cache(maxsize=32)
+def predict_fn(model, *, logits: bool, feature: str | None) -> features.PredictFn:
+    """(variables, images [B, S, S, 3]) -> float32 [B, C + D]: the logits (C columns, if
+    ``logits``) and the output ``feature`` ('pooled' / 'projection', D columns) side by side,
+    inference-mode BN. Cached per (model, outputs): equal models share one function, so
+    features.extract compiles it once for every pass and every member of an ensemble."""
     def predict(variables, images):
-        if images.ndim == 5:
-            if feature is not None:
-                raise ValueError("Features for k-NN come from centre crops, not ten crops.")
-            return log_mean_softmax(logits_of(variables, images), axis=1)
         out = model.apply(variables, images, train=False)
-        parts = ([out["logits"]] if scores else []) + ([out[feature]] if feature else [])
+        parts = ([out["logits"]] if logits else []) + ([out[feature]] if feature else [])
         return jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=-1)
 
     return predict
 
 
-def global_batch_for(batch_size: int, mesh) -> int:
-    """``batch_size`` rounded up to a multiple of the data shards and of the processes."""
-    unit = math.lcm(sharding.num_data_shards(mesh), jax.process_count())
-    rounded = max(unit, -(-int(batch_size) // unit) * unit)
-    if rounded != batch_size:
-        log.info("evaluation batch %d rounded up to %d (a multiple of %d devices/processes)",
-                 batch_size, rounded, unit)
-    return rounded
+def _data_error(data: EvalData, split: str, e: ValueError) -> EvaluationError:
+    return EvaluationError(f"Split {split!r} of {data.input_config.source!r}: {e}")
 
 
-@functools.lru_cache(maxsize=32)
-def cached_predict(spec: ModelSpec, scores: bool, feature: str | None) -> features.PredictFn:
-    """One predict function per (model, outputs): features.extract compiles it once and every
-    pass and every member of an ensemble reuses that program."""
-    return make_predict(spec.build(), scores=scores, feature=feature)
-
-
-def run_pass(member: Member, split: str, transform: str, *, scores: bool, feature: str | None,
-              global_batch: int, mesh) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
-    """(scores [N, C] or None, features [N, D] or None, labels [N]) of one pass over ``split``,
-    padding dropped, identical on every process."""
-    from dvp_jax.input import pipeline
-    predict = cached_predict(member.spec, bool(scores), feature)
-    batches = pipeline.make_eval_iterator(member.input_config, split, transform,
-                                          global_batch=global_batch,
-                                          image_size=int(member.input_config.image_size))
+def run_pass(predict: features.PredictFn, variables, data: EvalData, split: str,
+             transform: str, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """(outputs [N, ...] float32, labels [N] int32) of ``predict`` over ``split``, padding
+    dropped, identical on every process."""
+    batches = data.batches(split, transform)
     try:
-        out, labels = features.extract(predict, member.variables, batches, mesh)
+        return features.extract(predict, variables, batches, mesh)
     except ValueError as e:
-        raise EvaluationError(f"Split {split!r} of {member.input_config.source!r}: {e}") from e
-    c = member.num_classes if scores else 0
-    return (out[:, :c] if scores else None), (out[:, c:] if feature else None), labels
+        if not data.offline:
+            raise
+        raise _data_error(data, split, e) from e
 
 
-def bank_pass(member: Member, split: str, feature: str, global_batch: int, mesh):
-    """The k-NN bank of ``split`` (centre crops, ``feature``) as a metrics.ShardedBank: rows
-    stay split over the devices, never gathered to a host."""
-    from dvp_jax.input import pipeline
-    predict = cached_predict(member.spec, False, feature)
-    batches = pipeline.make_eval_iterator(member.input_config, split, "eval_center",
-                                          global_batch=global_batch,
-                                          image_size=int(member.input_config.image_size))
+def bank_pass(predict: features.PredictFn, variables, data: EvalData, split: str,
+              mesh) -> metrics.ShardedBank:
+    """The k-NN bank of ``split`` (centre crops, L2-normalised outputs of ``predict``) as a
+    metrics.ShardedBank: rows stay split over the devices, never gathered to a host."""
+    batches = data.batches(split, "eval_center")
     try:
-        return features.extract_bank(predict, member.variables, batches, mesh,
-                                     split_info(member.input_config, split).num_examples)
+        return features.extract_bank(predict, variables, batches, mesh,
+                                     data.info(split).num_examples)
     except ValueError as e:
-        raise EvaluationError(f"Split {split!r} of {member.input_config.source!r}: {e}") from e
+        if not data.offline:
+            raise
+        raise _data_error(data, split, e) from e
 
 
 def same_labels(reference: np.ndarray | None, labels: np.ndarray, what: str) -> np.ndarray:
+    """``labels`` [N], after checking that they equal ``reference`` (the first pass's)."""
     if reference is not None and not np.array_equal(reference, labels):
         raise EvaluationError(
             f"{what} saw other examples than the first model ({len(labels)} vs {len(reference)} "
             f"examples or different labels): all models of an ensemble must be evaluated on the "
             f"same data (check their input.source / splits, or pass --source).")
     return labels
-
-
-def accuracy(scores: np.ndarray, labels: np.ndarray, prefix: str = "") -> dict:
-    acc = metrics.accuracy_from_scores(scores, labels, ks=(1, 5))
-    return {f"{prefix}top1": acc["top1"], f"{prefix}top5": acc["top5"]}

@@ -36,15 +36,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dvp_jax import (choices, config_checks, features, loop, metrics, models, objectives, optim,
-                     pretrained, sharding)
+from dvp_jax import (choices, config_checks, loop, models, objectives, optim, pretrained,
+                     sharding)
 from dvp_jax.evaluators import eval_files
+from dvp_jax.evaluators.accuracy import EVAL_TRANSFORM, Accuracy, top_k
 from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import common
 
 TRAINERS = choices.CLASSIFY_TRAINERS
 TRAIN_TRANSFORM = "train_crop_flip"
-EVAL_TRANSFORM = "eval_center"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +223,8 @@ def accuracy_evaluator(config, model, mesh, *, split: str | None = None,
                        transform: str = EVAL_TRANSFORM,
                        steps_per_epoch: int = 0) -> Callable[[Any], dict]:
     """state -> {'<split>_top1': %, '<split>_top5': %, '<split>_best_top1': %} of the model's
-    logits on ``split`` (default input.eval_split), with inference-mode BN.
+    logits on ``split`` (default input.eval_split), with inference-mode BN
+    (evaluators.accuracy.Accuracy on the state's top-level variables).
 
     Writes WORKDIR/eval_<split>.json (this evaluation: the "final" accuracy once training
     ends) and WORKDIR/best_<split>.json ({'top1', 'top5', 'step', 'epoch', 'label'}: the
@@ -232,24 +233,22 @@ def accuracy_evaluator(config, model, mesh, *, split: str | None = None,
     evaluations that ran (every loop.eval_every_epochs; the reference evaluates every epoch).
     """
     split = split or config.input.eval_split
-    predict = features.model_output(model, "logits")
+    evaluator = Accuracy(model, common.eval_data(config), split, mesh, transform=transform)
     tag = eval_files.split_tag(split)
     track_best = eval_files.BestEpoch(workdir, split)
 
     def evaluate(state) -> dict:
-        logits, labels = features.extract(predict, common.encoder_variables(state),
-                                          common.eval_batches(config, split, transform), mesh)
-        acc = metrics.accuracy_from_scores(logits, labels, ks=(1, 5))
+        pred = evaluator.predict(common.encoder_variables(state))
+        acc = top_k(pred.scores, pred.labels)
         step = int(jax.device_get(state["step"]))
         best = track_best({"top1": float(acc["top1"]), "top5": float(acc["top5"]), "split": split,
                            "step": step, "label": eval_files.BEST_LABEL,
                            "epoch": step / steps_per_epoch if steps_per_epoch else None})
         if workdir is not None:
             eval_files.write_eval_json(workdir, {
-                "top1": acc["top1"], "top5": acc["top5"], "split": split,
-                "step": int(jax.device_get(state["step"])), "trainer": trainer,
-                "num_examples": int(labels.shape[0]), "transform": transform,
-                "image_size": int(config.input.image_size)})
+                "top1": acc["top1"], "top5": acc["top5"], "split": split, "step": step,
+                "trainer": trainer, "num_examples": int(pred.labels.shape[0]),
+                "transform": transform, "image_size": int(config.input.image_size)})
         return {f"{tag}_top1": acc["top1"], f"{tag}_top5": acc["top5"],
                 f"{tag}_best_top1": best["top1"]}
 

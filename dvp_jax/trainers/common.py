@@ -7,8 +7,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from dvp_jax import config_checks, features, loop, optim, sharding
+from dvp_jax import config_checks, loop, optim, sharding
 from dvp_jax.evaluators import knn
+from dvp_jax.evaluators.data import EvalData
 from dvp_jax.models.spec import ModelSpec
 
 
@@ -45,38 +46,26 @@ def eval_every_steps(config, steps_per_epoch: int) -> int:
     return max(1, int(round(epochs * steps_per_epoch))) if epochs > 0 else 0
 
 
-def eval_batches(config, split: str, transform: str = "eval_center"):
-    """One pass over ``split`` with an evaluation transform (host-local padded batches)."""
-    from dvp_jax.input import pipeline
-    return pipeline.make_eval_iterator(config.input, split, transform,
-                                       global_batch=eval_batch_size(config),
-                                       image_size=config.input.image_size)
-
-
-def eval_batch_size(config) -> int:
-    """Evaluation runs with the training batch size (a multiple of the device count)."""
-    return config.batch_size
+def eval_data(config) -> EvalData:
+    """Where the training loop's evaluations read: ``config.input`` at the training batch size
+    (already checked to be a multiple of the device count)."""
+    return EvalData(config.input, config.batch_size)
 
 
 def knn_evaluator(config, model, variables_of: Callable[[Any], dict], mesh,
                   feature: str = "pooled", prefix: str = "knn") -> Callable[[Any], dict]:
-    """state -> {'knn_top1': %}: MoCo's weighted k-NN monitor (train bank -> eval split).
+    """state -> {'<prefix>_top1': %}: MoCo's weighted k-NN monitor (evaluators.knn.Knn: bank =
+    input.train_split, queries = input.eval_split, centre crops).
 
     k = config.knn.k (200), weights exp(cos / config.knn.temperature) (0.1), features
     L2-normalised; ``variables_of(state)`` picks the encoder's variables from the state.
     """
-    predict = features.model_output(model, feature)
+    evaluator = knn.Knn(model, eval_data(config), config.input.eval_split,
+                        config.input.train_split, mesh, feature=feature, k=config.knn.k,
+                        temperature=config.knn.temperature, ks=(1,))
 
     def evaluate(state) -> dict:
-        variables = variables_of(state)
-        bank = features.extract_bank(  # Rows stay split over the devices (never on a host).
-            predict, variables, eval_batches(config, config.input.train_split), mesh,
-            data_sizes(config, mesh).num_train)
-        query, labels = features.extract(
-            predict, variables, eval_batches(config, config.input.eval_split), mesh)
-        acc = knn.knn_accuracy(query, labels, bank, k=config.knn.k,
-                               temperature=config.knn.temperature, mesh=mesh, ks=(1,))
-        return {f"{prefix}_top1": acc["top1"]}
+        return {f"{prefix}_top1": evaluator(variables_of(state))["top1"]}
 
     return evaluate
 
