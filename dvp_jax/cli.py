@@ -51,7 +51,7 @@ def usage_text(flag_values: flags.FlagValues, prog: str, doc: str | None,
     head = f"usage: {prog}{' ' + positional if positional else ''} [flags]"
     listed = flag_values.get_help(include_special_flags=False).splitlines()
     # absl heads the list with the defining module's file name: not for users.
-    listed = [line for line in listed if line.startswith(" ") or not line.endswith(":")]
+    listed = [line for line in listed if line.startswith(" ")]
     return "\n\n".join(part for part in (head, (doc or "").strip(),
                                          "flags:\n" + "\n".join(listed).strip("\n"))
                        if part)
