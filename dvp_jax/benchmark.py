@@ -251,8 +251,9 @@ flags.DEFINE_enum("step", "moco", sorted(benchmark_input.TRAIN_TRANSFORMS),
 cli.define_verbosity(FLAGS)
 
 
-def parse_args(argv):
-    """The flags' values and ``kinds``: the positional arguments, each one of KINDS."""
+def parse_args(argv=None):
+    """The flags' values and ``kinds``: the positional arguments, each one of KINDS (argv
+    without the program name; None: sys.argv[1:])."""
     args = cli.parse(FLAGS, argv, prog=PROG, doc=__doc__, positional="KIND [KIND ...]",
                      min_positional=1, max_positional=None)
     args.kinds = args.positional
@@ -263,7 +264,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> list[dict]:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     console.setup(args.verbosity)
     if "input" in args.kinds:
         console.import_tensorflow_quietly()
