@@ -85,7 +85,9 @@ def parse(flag_values: flags.FlagValues, argv: Sequence[str] | None, *, prog: st
     if len(rest) < min_positional or (max_positional is not None and len(rest) > max_positional):
         what = positional or "no positional arguments"
         fail(f"expected {what}, got {rest or 'none'} (see {prog} --help)")
-    return types.SimpleNamespace(**flag_values.flag_values_dict(), positional=rest)
+    values = {name: value for name, value in flag_values.flag_values_dict().items()
+              if flag_values[name].name == name}  # Long names only: '-v' is 'verbosity'.
+    return types.SimpleNamespace(**values, positional=rest)
 
 
 def run(main: Callable[[], int | None]) -> int:

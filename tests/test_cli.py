@@ -28,7 +28,7 @@ def test_parse_values_positionals_and_defaults_on_reparse():
     fv = _flags()
     args = cli.parse(fv, ["a", "--batch", "8", "b", "--copy", "-v", "1"], prog="p", doc="",
                      positional="X...", max_positional=None)
-    assert (args.batch, args.copy, args.verbosity, args.positional) == (8, True, 1, ["a", "b"])
+    assert vars(args) == {"batch": 8, "copy": True, "verbosity": 1, "positional": ["a", "b"]}
     args = cli.parse(fv, [], prog="p", doc="")  # A second parse starts from the defaults.
     assert (args.batch, args.copy, args.verbosity, args.positional) == (64, False, None, [])
 
