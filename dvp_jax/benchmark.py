@@ -22,7 +22,6 @@ alone ('input_bound': true where the input slows the step by over 10%).
 """
 from __future__ import annotations
 
-import argparse
 import resource
 import statistics
 import sys
@@ -33,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 
-from dvp_jax import (benchmark_input, config_base, console, errors, jsonfmt, loop, pretrained,
+from dvp_jax import (benchmark_input, cli, config_base, console, jsonfmt, loop, pretrained,
                      sharding)
 from dvp_jax.models.spec import ModelSpec
 
@@ -225,34 +225,46 @@ def bench_step(kind: str, args, mesh, counter: CompileCounter) -> dict:
     }
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m dvp_jax.benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kinds", nargs="+", choices=sorted(STEP_KINDS) + ["input", "train"])
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--res", type=int, default=64)
-    p.add_argument("--batch", type=int, default=64, help="Global batch.")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "float32", "bfloat16"])
-    p.add_argument("--steps", type=int, default=5, help="Steps per timed run.")
-    p.add_argument("--repeats", type=int, default=3, help="Timed runs; the median is reported.")
-    p.add_argument("--small_stem", action="store_true")
-    p.add_argument("--width", type=float, default=1.0, help="Backbone width multiplier.")
-    p.add_argument("--transform", default="moco_v2", help="input: the transform to time.")
-    p.add_argument("--jpeg_dir", default="",
-                   help="input: a NEW (or empty) folder to write the random benchmark JPEGs to and "
-                        "keep (default: a temporary folder, removed afterwards).")
-    p.add_argument("--num_jpegs", type=int, default=300)
-    p.add_argument("--input_batches", type=int, default=5)
-    p.add_argument("--input", default="device", choices=["device", "host"],
-                   help="train: input.augment_on of the end-to-end run.")
-    p.add_argument("--step", default="moco", choices=sorted(benchmark_input.TRAIN_TRANSFORMS),
-                   help="train: the train step fed by the input pipeline.")
-    console.add_verbosity_argument(p)
-    return p.parse_args(argv)
+PROG = "python -m dvp_jax.benchmark"
+KINDS = sorted(STEP_KINDS) + ["input", "train"]
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", "resnet18", "The backbone.", flag_values=FLAGS)
+flags.DEFINE_integer("res", 64, "Image side (pixels).", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 64, "Global batch.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "fp32", ["fp32", "bf16", "float32", "bfloat16"], "Compute dtype.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("steps", 5, "Steps per timed run.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 3, "Timed runs; the median is reported.", flag_values=FLAGS)
+flags.DEFINE_boolean("small_stem", False, "3x3 stride-1 stem without max-pool (small images).",
+                     flag_values=FLAGS)
+flags.DEFINE_float("width", 1.0, "Backbone width multiplier.", flag_values=FLAGS)
+flags.DEFINE_string("transform", "moco_v2", "input: the transform to time.", flag_values=FLAGS)
+flags.DEFINE_string("jpeg_dir", "", "input: a NEW (or empty) folder to write the random benchmark "
+                    "JPEGs to and keep (default: a temporary folder, removed afterwards).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("num_jpegs", 300, "input: random JPEGs to write.", flag_values=FLAGS)
+flags.DEFINE_integer("input_batches", 5, "input: batches per timed run.", flag_values=FLAGS)
+flags.DEFINE_enum("input", "device", ["device", "host"],
+                  "train: input.augment_on of the end-to-end run.", flag_values=FLAGS)
+flags.DEFINE_enum("step", "moco", sorted(benchmark_input.TRAIN_TRANSFORMS),
+                  "train: the train step fed by the input pipeline.", flag_values=FLAGS)
+cli.define_verbosity(FLAGS)
+
+
+def parse_args(argv=None):
+    """The flags' values and ``kinds``: the positional arguments, each one of KINDS (argv
+    without the program name; None: sys.argv[1:])."""
+    args = cli.parse(FLAGS, argv, prog=PROG, doc=__doc__, positional="KIND [KIND ...]",
+                     min_positional=1, max_positional=None)
+    args.kinds = args.positional
+    unknown = [k for k in args.kinds if k not in KINDS]
+    if unknown:
+        cli.fail(f"unknown kind(s) {unknown}: choose from {KINDS}")
+    return args
 
 
 def main(argv=None) -> list[dict]:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     console.setup(args.verbosity)
     if "input" in args.kinds:
         console.import_tensorflow_quietly()
@@ -279,8 +291,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except errors.USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run(main))

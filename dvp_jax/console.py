@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Sequence
 
+from dvp_jax import cli
+
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 CONSOLE_LOGGER = "dvp_jax.console"  # Messages meant for the user (header, results, notes).
 LOG_FILE_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
@@ -232,29 +234,20 @@ def devices_line() -> str:
 # ----------------------------------------------------------------------------- help
 
 
-HELP_FLAGS = ("-h", "--help", "--helpshort", "-?", "--helpfull")
-
-
 def exit_on_help(argv: Sequence[str]) -> None:
-    """For absl apps: ``--help`` prints the usage and exits 0 (absl itself exits 1).
+    """For the absl apps on the global ``flags.FLAGS`` (main, evaluate): ``--help`` prints the
+    usage and exits 0 (absl itself exits 1). The tools parse through ``cli.parse`` instead.
 
     ``--helpfull`` also lists the flags of every library module.
     """
     args = [a.split("=")[0] for a in argv[1:]]
-    if not any(a in HELP_FLAGS for a in args):
+    if not any(a in cli.HELP_FLAGS for a in args):
         return
     from absl import app
     app.usage(shorthelp="--helpfull" not in args, writeto_stdout=True)
     if "--helpfull" not in args:
         print("\nTry --helpfull to see the flags of every module.")
     sys.exit(0)
-
-
-def add_verbosity_argument(parser) -> None:
-    """``--verbosity`` for argparse commands, with absl's meaning (see ``library_level``)."""
-    parser.add_argument("--verbosity", "-v", type=int, default=None,
-                        help="show library log lines on the console: -1 warnings, 0 info, "
-                             "1 debug (default: errors only)")
 
 
 # ----------------------------------------------------------------------------- progress

@@ -10,41 +10,46 @@ Needs torch (``pip install -e .[torch]``). The key prefix ('module.encoder_q.', 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from dvp_jax import console
+from absl import flags
+
+from dvp_jax import cli, console
 from dvp_jax.models import NAMES
-from dvp_jax.models.torch_weights import ConversionError, convert_checkpoint
+from dvp_jax.models.torch_weights import convert_checkpoint
+
+PROG = "python -m dvp_jax.convert_torch"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("torch", None, "PyTorch checkpoint file (.pth, .pth.tar)", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_enum("arch", None, NAMES, "the architecture", flag_values=FLAGS, required=True)
+flags.DEFINE_string("out", None, "output checkpoint directory (new)", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_integer("num_classes", None,
+                     "default: keep the checkpoint's classifier (if any); N>0: require N outputs, "
+                     "or add a fresh N-way classifier if it has none; 0: drop it", flag_values=FLAGS)
+flags.DEFINE_string("prefix", "auto", "key prefix of the backbone, e.g. 'module.encoder_q.' ('auto')",
+                    flag_values=FLAGS)
+flags.DEFINE_boolean("allow_pickle", False,
+                     "torch.load(weights_only=False): for trusted files that hold more than "
+                     "tensors and plain containers", flag_values=FLAGS)
+cli.define_verbosity(FLAGS)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dvp_jax.convert_torch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--torch", required=True, help="PyTorch checkpoint file (.pth, .pth.tar)")
-    parser.add_argument("--arch", required=True, choices=NAMES)
-    parser.add_argument("--out", required=True, help="output checkpoint directory (new)")
-    parser.add_argument("--num_classes", type=int, default=None,
-                        help="default: keep the checkpoint's classifier (if any); N>0: require N "
-                             "outputs, or add a fresh N-way classifier if it has none; 0: drop it")
-    parser.add_argument("--prefix", default="auto",
-                        help="key prefix of the backbone, e.g. 'module.encoder_q.' ('auto')")
-    parser.add_argument("--allow_pickle", action="store_true",
-                        help="torch.load(weights_only=False): for trusted files that hold more "
-                             "than tensors and plain containers")
-    console.add_verbosity_argument(parser)
-    args = parser.parse_args(argv)
-    console.setup(args.verbosity)
-    try:
-        meta = convert_checkpoint(args.torch, args.arch, args.out, num_classes=args.num_classes,
-                                  prefix=args.prefix, allow_pickle=args.allow_pickle)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _convert(args) -> int:
+    meta = convert_checkpoint(args.torch, args.arch, args.out, num_classes=args.num_classes,
+                              prefix=args.prefix, allow_pickle=args.allow_pickle)
     print(f"Converted {args.torch} (prefix {meta['prefix']!r}) -> {args.out}")
     print(json.dumps(meta["model"]))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code: 0, or 2 after a one-line error (ConversionError and other user errors)."""
+    args = cli.parse(FLAGS, argv, prog=PROG, doc=__doc__)
+    console.setup(args.verbosity)
+    return cli.run(lambda: _convert(args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The one base class of mistakes a user can fix (bad config, missing data, foreign workdir,
 wrong checkpoint, NaN). The command lines print such an error's message in one line and exit
-with code 2; anything else is a bug and keeps its traceback.
+with code 2 (the tools through ``cli.run``, the one place that catches USER_ERRORS for them);
+anything else is a bug and keeps its traceback.
 
 A leaf module (imports nothing of dvp_jax), so that any layer can raise the errors that several
 layers share: ConfigError (config_checks, sharding, trainers) and DataError (the input sources,

@@ -18,17 +18,21 @@ with the tables and sentences of ``markdown_table`` (the figures are never typed
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 
 import numpy as np
+from absl import flags
 
-from dvp_jax import errors, fileio, plots
+from dvp_jax import cli, errors, fileio, plots
 
 # The paper's Table 1 ordering (ResNet-50 on VIPriors): each row below the next one.
 PAPER_ORDER = ("supervised", "linear", "finetune", "distill")
+
+
+class ReportError(errors.UserError, ValueError):
+    """A results.json or README that cannot be read, or a README without the section markers."""
 
 
 def summarise(records: list[dict], rows: dict, splits) -> list[dict]:
@@ -207,38 +211,47 @@ def readme_section(results_json: str) -> str:
 
 def replace_section(text: str, section: str, body: str) -> str:
     """``text`` with the lines between ``<!-- results:SECTION -->`` and
-    ``<!-- /results:SECTION -->`` replaced by ``body``; ValueError if the markers are missing."""
+    ``<!-- /results:SECTION -->`` replaced by ``body``; ReportError (a ValueError) if the markers
+    are missing."""
     begin, end = f"<!-- results:{section} -->", f"<!-- /results:{section} -->"
     i, j = text.find(begin), text.find(end)
     if i < 0 or j < i:
-        raise ValueError(f"markers {begin} ... {end} not found (in this order)")
+        raise ReportError(f"markers {begin} ... {end} not found (in this order)")
     return text[:i + len(begin)] + "\n" + body.strip() + "\n" + text[j:]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dvp_jax.report",
-        description="Print the tables of a Table-1 results.json, or write them into the "
-                    "marked section of a README.")
-    parser.add_argument("results", help="a results.json written by configs/table1.py")
-    parser.add_argument("--readme", default="", help="Markdown file whose section to rewrite")
-    parser.add_argument("--section", default="default",
-                        help="section name: <!-- results:NAME --> ... <!-- /results:NAME -->")
-    args = parser.parse_args(argv)
+PROG = "python -m dvp_jax.report"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("readme", "", "Markdown file whose section to rewrite (default: print the "
+                    "tables)", flag_values=FLAGS)
+flags.DEFINE_string("section", "default",
+                    "section name: <!-- results:NAME --> ... <!-- /results:NAME -->",
+                    flag_values=FLAGS)
+
+
+def _rewrite(results: str, readme: str, section: str) -> int:
+    """Prints the tables of ``results`` or rewrites ``section`` of ``readme`` with them."""
     try:
-        body = readme_section(args.results)
-        if not args.readme:
+        body = readme_section(results)
+        if not readme:
             print(body)
             return 0
-        with open(args.readme) as f:
+        with open(readme) as f:
             text = f.read()
-        new = replace_section(text, args.section, body)
-        fileio.write_text(args.readme, new)
-    except (OSError, ValueError, KeyError, errors.UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote section {args.section!r} of {args.readme} from {args.results}")
+        fileio.write_text(readme, replace_section(text, section, body))
+    except errors.USER_ERRORS:
+        raise
+    except (OSError, ValueError, KeyError) as e:  # A missing or malformed file.
+        raise ReportError(str(e)) from e
+    print(f"wrote section {section!r} of {readme} from {results}")
     return 0
+
+
+def main(argv=None) -> int:
+    """Exit code: 0, or 2 after a one-line error."""
+    args = cli.parse(FLAGS, argv, prog=PROG, doc=__doc__, positional="RESULTS_JSON",
+                     min_positional=1, max_positional=1)
+    return cli.run(lambda: _rewrite(args.positional[0], args.readme, args.section))
 
 
 if __name__ == "__main__":

@@ -93,31 +93,43 @@ def write_checkpoint(directory, step: int, state: dict, meta: dict) -> str:
 PHASE1_STEP = 10
 
 
-def write_phase1(directory, *, name="resnet18", width=0.125, seed=0, step=PHASE1_STEP):
-    """A Phase-1 (MoCo-like) checkpoint with a projection head; random but BN-plausible values."""
-    kwargs = dict(name=name, small_stem=True, width_multiplier=width, dtype="float32",
-                  zero_init_residual=False, projection_dims=[32, 16], bn_groups=1)
-    model = ModelSpec(**kwargs).build()
+def write_model_checkpoint(directory, model_kwargs: dict, fill, *, step: int, seed: int) -> dict:
+    """A fake trainer checkpoint of the ModelSpec ``model_kwargs`` (meta trainer 'moco'): every
+    variable is ``fill(rng, path, shape)`` (float32 numpy) with ``rng =
+    np.random.default_rng(seed)``, drawn in tree order; no model.init to run. Returns the state
+    written: 'step', 'params', 'batch_stats'."""
+    model = ModelSpec(**model_kwargs).build()
     shapes = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 16, 16, 3)), train=False),
                             jax.random.PRNGKey(0))
     rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        last = path[-1].key
-        if last == "scale":
-            return (1.0 + 0.1 * rng.normal(size=s.shape)).astype(np.float32)
-        if last == "var":
-            return rng.uniform(0.5, 1.5, size=s.shape).astype(np.float32)
-        if last in ("bias", "mean"):
-            return (0.1 * rng.normal(size=s.shape)).astype(np.float32)
-        fan_in = int(np.prod(s.shape[:-1]))
-        return (rng.normal(size=s.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-
-    variables = jax.tree_util.tree_map_with_path(fill, shapes)
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, s: np.asarray(fill(rng, path, s.shape), np.float32), shapes)
     state = {"step": np.int32(step), "params": variables["params"],
              "batch_stats": variables["batch_stats"]}
-    write_checkpoint(directory, step, state, {"trainer": "moco", "model": kwargs})
-    return variables
+    write_checkpoint(directory, step, state, {"trainer": "moco", "model": model_kwargs})
+    return state
+
+
+def _he_fill(rng, path, shape):
+    """He-scaled kernels, BN scale near 1, running variance in [0.5, 1.5), small bias/mean."""
+    last = path[-1].key
+    if last == "scale":
+        return 1.0 + 0.1 * rng.normal(size=shape)
+    if last == "var":
+        return rng.uniform(0.5, 1.5, size=shape)
+    if last in ("bias", "mean"):
+        return 0.1 * rng.normal(size=shape)
+    fan_in = int(np.prod(shape[:-1]))
+    return rng.normal(size=shape) * np.sqrt(2.0 / fan_in)
+
+
+def write_phase1(directory, *, name="resnet18", width=0.125, seed=0, step=PHASE1_STEP):
+    """A Phase-1 (MoCo-like) checkpoint with a projection head; random but BN-plausible values.
+    Returns its variables: {'params', 'batch_stats'}."""
+    kwargs = dict(name=name, small_stem=True, width_multiplier=width, dtype="float32",
+                  zero_init_residual=False, projection_dims=[32, 16], bn_groups=1)
+    state = write_model_checkpoint(directory, kwargs, _he_fill, step=step, seed=seed)
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}
 
 
 # ----------------------------------------------------------------------------- assertions

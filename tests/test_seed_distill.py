@@ -7,7 +7,6 @@ import dataclasses
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -16,36 +15,27 @@ from configs import seed_distill as seed_distill_config
 from dvp_jax import checkpoints, loop, objectives, pretrained, sharding
 from dvp_jax.trainers import seed_distill
 from dvp_jax.models.spec import ModelSpec
-from helpers import write_checkpoint  # noqa: E402
+from helpers import write_model_checkpoint  # noqa: E402
 
 TEACHER_KWARGS = dict(name="resnet18", small_stem=True, width_multiplier=0.25, dtype="float32",
                       zero_init_residual=False, projection_dims=[32, 16], bn_groups=1)
 
 
+def _teacher_fill(rng, path, shape):
+    """BN running statistics far from (0, 1), so that inference-mode BN matters."""
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['kernel']"):
+        return rng.normal(0, 1, shape) / np.sqrt(np.prod(shape[:-1]))
+    if name.endswith("['mean']") or name.endswith("['bias']"):
+        return rng.normal(0, 0.5, shape)
+    return rng.uniform(0.5, 2.0, shape)  # BN scale and running var
+
+
 def write_teacher(directory, step=1, seed_=0, projection=True):
-    """A tiny 'Phase-1' checkpoint: random params and BN running statistics far from (0, 1)
-    (so that inference-mode BN matters), from numpy: no model.init to run."""
+    """A tiny 'Phase-1' checkpoint: random params and BN running statistics far from (0, 1)."""
     kwargs = dict(TEACHER_KWARGS, projection_dims=TEACHER_KWARGS["projection_dims"] if projection
                   else [])
-    model = ModelSpec(**kwargs).build()
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)),
-                                               train=False))
-    rng = np.random.default_rng(seed_)
-
-    def fill(path, leaf):
-        name, shape = jax.tree_util.keystr(path), leaf.shape
-        if name.endswith("['kernel']"):
-            value = rng.normal(0, 1, shape) / np.sqrt(np.prod(shape[:-1]))
-        elif name.endswith("['mean']") or name.endswith("['bias']"):
-            value = rng.normal(0, 0.5, shape)
-        else:  # BN scale and running var
-            value = rng.uniform(0.5, 2.0, shape)
-        return value.astype(np.float32)
-    variables = jax.tree_util.tree_map_with_path(fill, shapes)
-    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-             "step": np.int32(step)}
-    write_checkpoint(directory, step, state, {"trainer": "moco", "model": kwargs})
-    return state
+    return write_model_checkpoint(directory, kwargs, _teacher_fill, step=step, seed=seed_)
 
 
 def tiny_config(teacher_dir, **overrides):

@@ -9,12 +9,15 @@ batches. An "image" is one example; for 'moco_v2' each example is two augmented 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
+from absl import flags
+
+from dvp_jax import cli
 
 
 def measure(input_config, split: str, transform: str, global_batch: int, image_size: int,
@@ -58,18 +61,21 @@ def make_jpegs(folder: str, num_images: int = 500, num_classes: int = 10, seed: 
         Image.fromarray(pixels).save(os.path.join(folder_c, f"{i:05d}.jpg"), quality=90)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", default="folder:/tmp/dvp_jpegs")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--transform", default="moco_v2")
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--global_batch", type=int, default=64)
-    parser.add_argument("--num_batches", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--make_jpegs", default="", help="First write 500 random JPEGs here")
-    parser.add_argument("--antialias", type=int, default=1)
-    args = parser.parse_args()
+PROG = "python -m dvp_jax.input.throughput"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("source", "folder:/tmp/dvp_jpegs", "input.source to read", flag_values=FLAGS)
+flags.DEFINE_string("split", "train", "the split to read", flag_values=FLAGS)
+flags.DEFINE_string("transform", "moco_v2", "the train transform to time", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 224, "output image side (pixels)", flag_values=FLAGS)
+flags.DEFINE_integer("global_batch", 64, "examples per batch", flag_values=FLAGS)
+flags.DEFINE_integer("num_batches", 8, "timed batches per run", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 3, "timed runs; the median is printed", flag_values=FLAGS)
+flags.DEFINE_string("make_jpegs", "", "First write 500 random JPEGs here", flag_values=FLAGS)
+flags.DEFINE_integer("antialias", 1, "input.resize_antialias (1 on, 0 off)", flag_values=FLAGS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = cli.parse(FLAGS, argv, prog=PROG, doc=__doc__)
     if args.make_jpegs and not os.path.isdir(os.path.join(args.make_jpegs, "train")):
         make_jpegs(args.make_jpegs)
     from dvp_jax import config_base
@@ -86,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -26,7 +26,6 @@ OUT at the end, so an interrupted build never leaves a half-built OUT.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -34,8 +33,9 @@ import tempfile
 import zlib
 
 import numpy as np
+from absl import flags
 
-from dvp_jax import console, errors
+from dvp_jax import cli, console, errors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -201,32 +201,41 @@ def build_subset(imagenet_train: str, out: str, *, per_class: int = 50, seed: in
     return lists
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--imagenet_train", required=True, help="ImageNet train folder DIR/<wnid>/*.JPEG")
-    parser.add_argument("--out", required=True, help="Output folder (train/, val/, test/)")
-    parser.add_argument("--per_class", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--file_lists", default=None, help="Folder with train.txt, val.txt [test.txt]")
-    parser.add_argument("--imagenet_val", default=None, help="ImageNet val folder DIR/<wnid>/*.JPEG")
-    parser.add_argument("--copy", action="store_true", help="Copy files instead of symlinking")
-    parser.add_argument("--write_file_lists", action="store_true",
-                        help="Record the chosen lists in OUT/train.txt, OUT/val.txt [OUT/test.txt]")
-    console.add_verbosity_argument(parser)
-    args = parser.parse_args(argv)
-    console.setup(args.verbosity)
-    try:
-        lists = build_subset(args.imagenet_train, args.out, per_class=args.per_class,
-                             seed=args.seed, file_lists=args.file_lists,
-                             imagenet_val=args.imagenet_val, copy=args.copy,
-                             write_file_lists=args.write_file_lists)
-    except BuildError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+PROG = "python -m dvp_jax.input.vipriors"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("imagenet_train", None, "ImageNet train folder DIR/<wnid>/*.JPEG",
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_string("out", None, "Output folder (train/, val/, test/)", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_integer("per_class", 50, "Images per class in train and in val (and test)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the selection", flag_values=FLAGS)
+flags.DEFINE_string("file_lists", None, "Folder with train.txt, val.txt [test.txt]",
+                    flag_values=FLAGS)
+flags.DEFINE_string("imagenet_val", None, "ImageNet val folder DIR/<wnid>/*.JPEG",
+                    flag_values=FLAGS)
+flags.DEFINE_boolean("copy", False, "Copy files instead of symlinking", flag_values=FLAGS)
+flags.DEFINE_boolean("write_file_lists", False,
+                     "Record the chosen lists in OUT/train.txt, OUT/val.txt [OUT/test.txt]",
+                     flag_values=FLAGS)
+cli.define_verbosity(FLAGS)
+
+
+def _build(args) -> int:
+    lists = build_subset(args.imagenet_train, args.out, per_class=args.per_class,
+                         seed=args.seed, file_lists=args.file_lists,
+                         imagenet_val=args.imagenet_val, copy=args.copy,
+                         write_file_lists=args.write_file_lists)
     print(", ".join(f"{split}: {len(entries)} images" for split, entries in lists.items())
           + f" -> {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code: 0, or 2 after a one-line error (BuildError and other user errors)."""
+    args = cli.parse(FLAGS, argv, prog=PROG, doc=__doc__)
+    console.setup(args.verbosity)
+    return cli.run(lambda: _build(args))
 
 
 if __name__ == "__main__":

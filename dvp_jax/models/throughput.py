@@ -1,17 +1,24 @@
 """Forward (inference) throughput of a registered model on the default JAX backend.
 
+    python -m dvp_jax.models.throughput [NAME [RES [BATCH [DTYPE]]]]
+
+prints one JSON line (defaults: resnet50 224 32 float32); from Python:
+
     python -c "from dvp_jax.models.throughput import forward_images_per_s as f; \
                print(f('resnet50', 224, 32))"
 """
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
-from dvp_jax import models
+from dvp_jax import cli, models
 
 
 def forward_images_per_s(name: str, res: int, batch: int, dtype: str = "float32",
@@ -52,13 +59,24 @@ def forward_images_per_s(name: str, res: int, batch: int, dtype: str = "float32"
             "median_s": med, "times_s": times, "compile_s": compile_s}
 
 
-if __name__ == "__main__":
-    import json
-    import sys
+PROG = "python -m dvp_jax.models.throughput"
+FLAGS = flags.FlagValues()  # Positional arguments only.
 
-    args = sys.argv[1:]
-    name = args[0] if args else "resnet50"
-    res = int(args[1]) if len(args) > 1 else 224
-    batch = int(args[2]) if len(args) > 2 else 32
-    dtype = args[3] if len(args) > 3 else "float32"
-    print(json.dumps(forward_images_per_s(name, res, batch, dtype)))
+
+def main(argv: list[str] | None = None) -> int:
+    """Prints the JSON line of ``forward_images_per_s(NAME, RES, BATCH, DTYPE)``."""
+    args = cli.parse(FLAGS, argv, prog=PROG, doc=__doc__, positional="[NAME [RES [BATCH [DTYPE]]]]",
+                     max_positional=4)
+    given = args.positional
+    try:
+        res, batch = (int(given[i]) if len(given) > i else default
+                      for i, default in ((1, 224), (2, 32)))
+    except ValueError as e:
+        cli.fail(f"RES and BATCH must be integers: {e}")
+    print(json.dumps(forward_images_per_s(given[0] if given else "resnet50", res, batch,
+                                          given[3] if len(given) > 3 else "float32")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
