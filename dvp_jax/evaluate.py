@@ -210,12 +210,6 @@ def summary_line(result: dict) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
-def is_user_error(e: BaseException) -> bool:
-    """A missing / unreadable checkpoint, impossible options or unusable data: reported in one
-    line (exit code 2) instead of a traceback."""
-    return isinstance(e, (checkpoints.CheckpointError, EvaluationError, errors.DataError))
-
-
 def _define_flags() -> None:
     from absl import flags
     from ml_collections import config_flags
@@ -274,9 +268,7 @@ def _main(argv) -> int:
             knn=f.knn, knn_k=knn_k, knn_temperature=knn_t, batch_size=batch_size, step=f.step,
             input_overrides={"source": f.source, "image_size": f.image_size},
             knn_feature=f.knn_feature, knn_bank_split=f.knn_bank_split)
-    except Exception as e:  # pylint: disable=broad-except
-        if not is_user_error(e):
-            raise
+    except errors.USER_ERRORS as e:  # The one user-error path: one line, exit code 2.
         print(f"error: {e}", file=sys.stderr)
         return 2
     if len(f.checkpoint) == 1 and not f.ten_crop and "top1" in result:
