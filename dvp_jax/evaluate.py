@@ -42,7 +42,7 @@ from typing import Any, Sequence
 
 import jax
 
-from dvp_jax import checkpoints, choices, console, errors, sharding
+from dvp_jax import choices, console, errors, sharding
 from dvp_jax.evaluators import accuracy, ensemble, eval_files, multicrop, passes
 from dvp_jax.evaluators import knn as knn_lib
 from dvp_jax.evaluators.data import EvalData, EvaluationError, global_batch_for
