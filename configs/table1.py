@@ -12,8 +12,8 @@ command skips finished stages and resumes an interrupted one.
 
 Presets (after the colon):
   default   the embedded digits, 5 seeds: Phase 1 40 epochs, the other stages 20 (SPLIT_NOTE
-            below); meant for 15 minutes on a 2-core CPU. Measured (README): 12.1 minutes
-            wall (729 s) on a nearly idle 2-core CPU, compilation cache cold.
+            below); meant for 15 minutes on a 2-core CPU. Measured (README): 13.4 minutes
+            wall (805 s) on a nearly idle 2-core CPU, compilation cache cold.
   full      the same comparison trained longer (120 / 40 epochs), 5 seeds, plus the Phase-2
             lambda sweep (measured, README: 39 minutes on a shared 2-core CPU, warm cache).
   vipriors  the paper's ImageNet run: ResNet-50, 224 px, 800 + 100 epochs, on the VIPriors
