@@ -59,11 +59,6 @@ def color_matrix(x: tf.Tensor, matrix) -> tf.Tensor:
     return tf.reshape(flat, tf.concat([tf.shape(x)[:-1], tf.shape(matrix)[1:]], 0))
 
 
-def to_gray(x: tf.Tensor) -> tf.Tensor:
-    """float [..., H, W, 3] -> luma [..., H, W, 1]."""
-    return color_matrix(x, tf.constant(GRAY_WEIGHTS, tf.float32)[:, None])
-
-
 def gray_rgb(x: tf.Tensor) -> tf.Tensor:
     """float [..., 3] -> its luma repeated over 3 channels (torchvision Grayscale(3))."""
     return color_matrix(x, tf.tile(tf.constant(GRAY_WEIGHTS, tf.float32)[:, None], [1, 3]))

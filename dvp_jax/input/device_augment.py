@@ -37,7 +37,6 @@ from jax.sharding import PartitionSpec as P
 
 from dvp_jax import choices, config_checks
 
-MODES = choices.AUGMENT_ON
 DEVICE_TRANSFORMS = ("moco_v2", "train_crop_flip")
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as augment.py, PIL and torchvision.
 JITTER_STRENGTH = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue (as augment.py).
@@ -52,7 +51,7 @@ DEVICE_INPUT_KEYS = ("image", "epoch", "index")  # What augment_batch reads from
 def augment_on(input_config) -> str:
     """input.augment_on: 'host' (tf.data makes the views) or 'device'. Raises ConfigError."""
     mode = str(input_config.get("augment_on", "host"))
-    if mode not in MODES:
+    if mode not in choices.AUGMENT_ON:
         raise config_checks.ConfigError(
             f"config.input.augment_on={mode!r}; use 'host' (tf.data) or 'device' (jax).")
     if mode == "device" and input_config.get("auto_augment", ""):

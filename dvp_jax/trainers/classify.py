@@ -43,7 +43,6 @@ from dvp_jax.evaluators.accuracy import EVAL_TRANSFORM, Accuracy, top_k
 from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import common
 
-TRAINERS = choices.CLASSIFY_TRAINERS
 TRAIN_TRANSFORM = "train_crop_flip"
 
 
@@ -304,8 +303,9 @@ def build_task(config, mesh, workdir: str | None = None) -> loop.Task:
     """The loop.Task of a 'supervised' / 'linear' / 'finetune' run (see configs/classify.py)."""
     config_checks.validate(config)
     trainer = config.trainer
-    if trainer not in TRAINERS:
-        raise ValueError(f"config.trainer={trainer!r}; classify.py runs {', '.join(TRAINERS)}.")
+    if trainer not in choices.CLASSIFY_TRAINERS:
+        raise ValueError(f"config.trainer={trainer!r}; classify.py runs "
+                         f"{', '.join(choices.CLASSIFY_TRAINERS)}.")
     sizes = common.data_sizes(config, mesh)
     spec = ModelSpec.from_config(config.model, num_classes=sizes.num_classes)
     model = spec.build()

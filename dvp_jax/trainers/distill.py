@@ -51,8 +51,6 @@ from dvp_jax.models.layers import BatchNorm, conv
 from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import classify, common
 
-KINDS = choices.DISTILL_KINDS
-TEACHER_BN = choices.DISTILL_TEACHER_BN
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 
 
@@ -108,10 +106,12 @@ def make_distill_term(teacher_model, dc, *, start_step: int, connectors: Connect
     jitted init program.
     """
     kind, weight, teacher_bn = dc.kind, float(dc.weight), dc.teacher_bn
-    if kind not in KINDS:
-        raise ValueError(f"config.distill.kind={kind!r}; allowed: {', '.join(KINDS)}.")
-    if teacher_bn not in TEACHER_BN:
-        raise ValueError(f"config.distill.teacher_bn={teacher_bn!r}; allowed: {', '.join(TEACHER_BN)}.")
+    if kind not in choices.DISTILL_KINDS:
+        raise ValueError(f"config.distill.kind={kind!r}; allowed: "
+                         f"{', '.join(choices.DISTILL_KINDS)}.")
+    if teacher_bn not in choices.DISTILL_TEACHER_BN:
+        raise ValueError(f"config.distill.teacher_bn={teacher_bn!r}; allowed: "
+                         f"{', '.join(choices.DISTILL_TEACHER_BN)}.")
     ofd = kind == "ofd"
     # Host numpy, computed once here (not inside the jitted init).
     margins = ofd_margins(teacher) if ofd and teacher is not None else None

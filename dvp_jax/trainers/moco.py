@@ -26,11 +26,9 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from dvp_jax import choices, config_checks, loop, objectives, optim, sharding
+from dvp_jax import config_checks, loop, objectives, optim, sharding
 from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import common
-
-SHUFFLE_BN_MODES = choices.SHUFFLE_BN_MODES
 
 
 SINGLE_SHARD_BN_GROUPS = 8  # MoCo's single-GPU recipe (its CIFAR demo): 8 BN groups.

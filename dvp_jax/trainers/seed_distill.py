@@ -31,11 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dvp_jax import checkpoints, choices, config_checks, loop, objectives, optim, pretrained, sharding
+from dvp_jax import (checkpoints, choices, config_checks, loop, objectives, optim, pretrained,
+                     sharding)
 from dvp_jax.models.spec import ModelSpec
 from dvp_jax.trainers import common
-
-AUGMENTATIONS = choices.SEED_DISTILL_AUGMENTATIONS  # transform -> batch key fed.
 
 
 def check_queue(queue_size: int, global_batch: int) -> None:
@@ -181,12 +180,12 @@ def build_task(config, mesh) -> loop.Task:
     student = spec.build()
     schedule, tx = common.make_optimizer(config, sizes)
     train_step = make_train_step(student, teacher_model, tx, sc,
-                                 view_key=AUGMENTATIONS[sc.augmentation])
+                                 view_key=choices.SEED_DISTILL_AUGMENTATIONS[sc.augmentation])
 
     # Only the view both networks see (or, augmenting on the devices, what makes it).
     keep = (device_augment.DEVICE_INPUT_KEYS
             if device_augment.on_device(config.input, sc.augmentation)
-            else (AUGMENTATIONS[sc.augmentation],))
+            else (choices.SEED_DISTILL_AUGMENTATIONS[sc.augmentation],))
 
     eval_spec = spec.replace(bn_groups=1)  # Evaluation and checkpoints: plain BN.
     evaluators = []
